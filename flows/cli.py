@@ -1,0 +1,65 @@
+"""The `segflow` command line: one subcommand per module in `flows/commands/`.
+
+Each command module exposes `add_parser(subparsers)` and `run(args) -> int`. This file
+only dispatches, and turns segflow's own errors into one-line messages (exit 2) instead
+of tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train")
+
+
+class UsageError(ValueError):
+    """A bad flag value or missing input; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segflow", description="Batch semantic segmentation on Ray, orchestrated by Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"flows.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"flows.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("segflow: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI boundary: known errors become one line
+        if _is_user_facing(exc):
+            print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_facing(exc: Exception) -> bool:
+    from models.checkpoint import CheckpointError
+    from models.registry import ModelUnavailableError
+
+    known: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ModelUnavailableError, FileNotFoundError)
+    try:
+        from pipeline.errors import SegflowError
+
+        known += (SegflowError,)
+    except ImportError:
+        pass
+    return isinstance(exc, known)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

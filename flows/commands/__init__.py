@@ -1,0 +1,1 @@
+"""One module per `segflow` subcommand (see flows/cli.py)."""

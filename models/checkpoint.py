@@ -1,0 +1,99 @@
+"""Self-describing, code-free checkpoints.
+
+A segflow checkpoint is one safetensors file: the weights as tensors, and in the header's
+string metadata (key "segflow") a JSON document that says everything needed to use them:
+
+    {"format": 1,
+     "architecture": {"family": "fcn", "variant": "fcn8s", "backbone": "resnet18"},
+     "labels": {"name", "classes", "palette", "ignore_index"},
+     "normalization": {"mean": [...], "std": [...]},
+     "training": {"data", "command", "seconds", ...},
+     "metrics": {...}, "crf": {...}}
+
+Torch pickles (.pt/.pth) are accepted too, but only through `torch.load(weights_only=True)`,
+which refuses anything that would run code on load. Files are read through fsspec, so a
+checkpoint may live at any URL (local path, s3://, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import struct
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT_VERSION = 1
+METADATA_KEY = "segflow"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def save_checkpoint(path: str, state_dict: dict[str, torch.Tensor], meta: dict, storage_options: dict | None = None) -> str:
+    """Write weights plus `meta` as one safetensors file at `path` (any fsspec URL).
+
+    Returns the sha256 of the bytes written, which is the checkpoint's identity.
+    """
+    import fsspec
+
+    meta = {"format": FORMAT_VERSION, **meta}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(url: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Read a checkpoint from any fsspec URL -> (state_dict, meta, sha256 of the file)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: checkpoint not found; check the path or URL") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if _looks_like_safetensors(data):
+        return load_safetensors(data), _safetensors_meta(url, data), digest
+    return (*_read_torch_pickle(url, data), digest)
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _safetensors_meta(url: str, data: bytes) -> dict:
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    raw = header.get("__metadata__", {}).get(METADATA_KEY)
+    if raw is None:
+        raise CheckpointError(
+            f"{url}: safetensors file without segflow metadata; it does not say its architecture "
+            "or classes. Save it with models.checkpoint.save_checkpoint"
+        )
+    return json.loads(raw)
+
+
+def _read_torch_pickle(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{url}: refused: not a safetensors file, and not a torch file that loads with "
+            f"weights_only=True (it may hold pickled code: {first_line}). "
+            "Re-save the weights as safetensors with segflow metadata"
+        ) from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
+        raise CheckpointError(f"{url}: a torch file must hold {{'state_dict': ..., 'meta': ...}}; re-save it with save_checkpoint")
+    return obj["state_dict"], obj["meta"]

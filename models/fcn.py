@@ -1,0 +1,108 @@
+"""segflow's classic FCN (Long, Shelhamer and Darrell): FCN-32s, FCN-16s and FCN-8s.
+
+A torchvision backbone yields features at strides 8, 16 and 32. Each gets a 1x1 score
+head; the coarse scores are upsampled 2x by a learned transposed convolution (initialised
+to bilinear interpolation, as in the paper) and summed with the finer ones. The fused map
+is returned at the finest fused stride (32, 16 or 8) by `lowres_logits`, and `forward`
+upsamples it bilinearly to exactly the input size.
+
+Why the last upsampling is a fixed bilinear one rather than a learned 8x deconvolution:
+it lets the engine ship the small stride-8 logits between processes and upsample them
+where the CRF runs, getting masks identical to a full-resolution forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models._utils import IntermediateLayerGetter
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+VARIANTS = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
+
+
+def build_fcn(variant: str, backbone: str, num_classes: int, backbone_weights: str | None = None) -> "FCN":
+    """Build FCN-`variant` ("fcn8s", "fcn16s", "fcn32s") on `backbone` with fresh heads.
+
+    `backbone_weights` is a torchvision weights name for the backbone (e.g. "DEFAULT" for
+    ImageNet); it downloads through the torch hub cache, so it is None offline.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown FCN variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    return FCN(_strided_features(backbone, backbone_weights), num_classes, VARIANTS[variant])
+
+
+class FCN(nn.Module):
+    """Fully convolutional network with skip connections; any input size in, same size out."""
+
+    def __init__(self, features: nn.Module, num_classes: int, output_stride: int):
+        super().__init__()
+        self.features = features
+        self.output_stride = output_stride
+        channels = _probe_channels(features)
+        self.score32 = nn.Conv2d(channels["s32"], num_classes, 1)
+        if output_stride <= 16:
+            self.score16 = nn.Conv2d(channels["s16"], num_classes, 1)
+            self.up32 = _bilinear_deconv(num_classes)
+        if output_stride <= 8:
+            self.score8 = nn.Conv2d(channels["s8"], num_classes, 1)
+            self.up16 = _bilinear_deconv(num_classes)
+
+    def lowres_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, C, ~H/stride, ~W/stride) fused logits."""
+        feats = self.features(x)
+        score = self.score32(feats["s32"])
+        if self.output_stride <= 16:
+            score = _crop_to(self.up32(score), feats["s16"]) + self.score16(feats["s16"])
+        if self.output_stride <= 8:
+            score = _crop_to(self.up16(score), feats["s8"]) + self.score8(feats["s8"])
+        return score
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, H, W) logits."""
+        return F.interpolate(self.lowres_logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _strided_features(backbone: str, weights: str | None) -> nn.Module:
+    """A module returning {"s8", "s16", "s32"} feature maps of a torchvision classifier."""
+    if backbone.startswith("resnet") and backbone in BACKBONES:
+        net = getattr(tvm, backbone)(weights=weights)
+        return IntermediateLayerGetter(net, {"layer2": "s8", "layer3": "s16", "layer4": "s32"})
+    if backbone == "mobilenet_v3_large":
+        net = tvm.mobilenet_v3_large(weights=weights).features
+        # Blocks 4, 7 and 13 downsample to strides 8, 16 and 32, so the stage outputs are
+        # the blocks just before the next downsampling, and the last block.
+        return IntermediateLayerGetter(net, {"6": "s8", "12": "s16", "16": "s32"})
+    raise ValueError(f"unknown FCN backbone {backbone!r}; choose one of {list(BACKBONES)}")
+
+
+def _probe_channels(features: nn.Module) -> dict[str, int]:
+    """Channel count of each stage, read off a tiny forward pass (works for any backbone)."""
+    was_training = features.training
+    features.eval()
+    with torch.no_grad():
+        out = features(torch.zeros(1, 3, 64, 64))
+    features.train(was_training)
+    return {name: t.shape[1] for name, t in out.items()}
+
+
+def _bilinear_deconv(channels: int) -> nn.ConvTranspose2d:
+    """A 2x learned upsampling, initialised to bilinear interpolation per channel."""
+    deconv = nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1, bias=False)
+    factor = 2
+    center = factor - 0.5
+    og = torch.arange(4, dtype=torch.float32)
+    filt1d = 1 - (og - center).abs() / factor
+    kernel = filt1d[:, None] * filt1d[None, :]
+    with torch.no_grad():
+        deconv.weight.zero_()
+        for c in range(channels):
+            deconv.weight[c, c] = kernel
+    return deconv
+
+
+def _crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Crop an upsampled map to a skip feature's size (odd sizes round up on the way down)."""
+    return x[..., : like.shape[-2], : like.shape[-1]]

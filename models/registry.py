@@ -1,0 +1,204 @@
+"""The model registry: every network segflow can run, behind one contract.
+
+Every registered network is an `nn.Module` with
+
+    lowres_logits(x): (N, 3, H, W) normalised images -> (N, C, h, w) logits, h <= H, w <= W
+    forward(x):       (N, 3, H, W) -> (N, C, H, W) logits
+
+where `forward` is exactly `lowres_logits` followed by bilinear upsampling to the input size
+(align_corners=False). The engine relies on that to ship small logits between processes and
+upsample them beside the CRF. A network whose output is already full resolution (a
+CRF-as-RNN head, say) returns it from `lowres_logits` and the upsampling is the identity.
+
+New families register a builder in `ARCHITECTURES` under their `family` name; the
+architecture dict stored in a checkpoint is passed back to that builder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from models.checkpoint import CheckpointError, read_checkpoint
+from models.fcn import BACKBONES, VARIANTS, build_fcn
+from models.labels import VOC, LabelSet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TORCHVISION_MODELS = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+)
+FCN_MODELS = tuple(f"{v}_{b}" for v in VARIANTS for b in BACKBONES)
+BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "camvid_fcn8s_resnet18.safetensors"
+BUNDLED = "bundled"
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights that cannot be obtained (offline, unknown name); the message lists alternatives."""
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus what the engine needs to use it."""
+
+    net: nn.Module
+    labels: LabelSet
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    architecture: dict
+    fingerprint: str
+    meta: dict
+
+
+def available_models() -> list[str]:
+    return [BUNDLED, *FCN_MODELS, *TORCHVISION_MODELS]
+
+
+def architecture_for(name: str) -> dict:
+    """The architecture dict of a registry name ("fcn8s_resnet18", "deeplabv3_resnet50", ...)."""
+    if name in TORCHVISION_MODELS:
+        return {"family": "torchvision", "name": name}
+    variant, _, backbone = name.partition("_")
+    if variant in VARIANTS and backbone in BACKBONES:
+        return {"family": "fcn", "variant": variant, "backbone": backbone}
+    raise ModelUnavailableError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+
+
+def build_network(architecture: dict, num_classes: int, weights: str | None = None) -> nn.Module:
+    """Build the network an architecture dict describes (weights from torchvision or fresh)."""
+    family = architecture.get("family")
+    if family not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture family {family!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[family](architecture, num_classes, weights)
+
+
+def load_model(
+    model: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    storage_options: dict | None = None,
+) -> LoadedModel:
+    """Resolve what the user asked for into a ready network.
+
+    - `checkpoint` given: architecture, classes and weights come from the file.
+    - `model` a torchvision name with `weights` (DEFAULT or an enum name): torchvision's own
+      loader, through the torch hub cache.
+    - `model` with `weights` "none"/None: fresh weights from `seed` (architecture tests only;
+      such output is not a segmentation).
+    - nothing: the bundled CamVid FCN-8s.
+    """
+    if checkpoint is None and model in (None, BUNDLED):
+        checkpoint = str(BUNDLED_CHECKPOINT)
+        if not BUNDLED_CHECKPOINT.exists():
+            raise ModelUnavailableError(f"the bundled model {BUNDLED_CHECKPOINT} is missing from this install")
+    if checkpoint is not None:
+        return _from_checkpoint(checkpoint, storage_options)
+    architecture = architecture_for(model)
+    if weights and weights.lower() != "none":
+        return _from_torchvision_weights(model, architecture, weights)
+    labels = VOC if num_classes in (None, VOC.num_classes) else _numbered_labels(num_classes)
+    torch.manual_seed(seed)
+    net = build_network(architecture, labels.num_classes).eval()
+    fingerprint = _digest({"architecture": architecture, "classes": labels.num_classes, "seed": seed})
+    return LoadedModel(net, labels, IMAGENET_MEAN, IMAGENET_STD, architecture, fingerprint, {"weights": f"random(seed={seed})"})
+
+
+def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
+    state_dict, meta, sha = read_checkpoint(url, storage_options)
+    try:
+        labels = LabelSet.from_dict(meta["labels"])
+        architecture = meta["architecture"]
+        norm = meta.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    except KeyError as exc:
+        raise CheckpointError(f"{url}: metadata lacks {exc.args[0]!r}; save it with models.checkpoint.save_checkpoint") from None
+    net = build_network(architecture, labels.num_classes)
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{url}: weights do not fit {architecture}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return LoadedModel(net.eval(), labels, tuple(norm["mean"]), tuple(norm["std"]), architecture, sha[:16], meta)
+
+
+def _from_torchvision_weights(name: str, architecture: dict, weights: str) -> LoadedModel:
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        chosen = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+    except KeyError:
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+        raise ModelUnavailableError(f"{name}: unknown weights {weights!r}; choose DEFAULT, none, or one of: {names}") from None
+    try:
+        net = build_network(architecture, len(chosen.meta["categories"]), chosen.name)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub failures surface as either
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelUnavailableError(
+            f"{name} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
+            f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
+            f"--checkpoint URL, or --weights none for an untrained network"
+        ) from None
+    labels = VOC if chosen.meta["categories"] == list(VOC.classes) else _numbered_labels(len(chosen.meta["categories"]))
+    fingerprint = _digest({"architecture": architecture, "weights": chosen.url})
+    return LoadedModel(net.eval(), labels, IMAGENET_MEAN, IMAGENET_STD, architecture, fingerprint, {"weights": chosen.name})
+
+
+class TorchvisionSegmenter(nn.Module):
+    """Adapts torchvision's segmentation models to the registry contract (no aux head)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def lowres_logits(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.net.backbone(x)
+        if isinstance(self.net, torchvision.models.segmentation.LRASPP):
+            return self.net.classifier(features)
+        return self.net.classifier(features["out"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.lowres_logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _build_torchvision(architecture: dict, num_classes: int, weights: str | None) -> nn.Module:
+    kwargs = {"weights": weights, "weights_backbone": None, "num_classes": num_classes}
+    if weights is None and not architecture["name"].startswith("lraspp"):
+        kwargs["aux_loss"] = False  # with weights, torchvision insists on its own aux setting
+    net = torchvision.models.get_model(architecture["name"], **kwargs)
+    if weights is not None and hasattr(net, "aux_classifier"):
+        net.aux_classifier = None
+    return TorchvisionSegmenter(net)
+
+
+def _build_fcn(architecture: dict, num_classes: int, weights: str | None) -> nn.Module:
+    if weights is not None:
+        raise ModelUnavailableError("segflow's FCN has no published weights; use --checkpoint or the bundled model")
+    return build_fcn(architecture["variant"], architecture["backbone"], num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[[dict, int, str | None], nn.Module]] = {
+    "fcn": _build_fcn,
+    "torchvision": _build_torchvision,
+}
+
+
+def _numbered_labels(n: int) -> LabelSet:
+    from models.labels import _voc_palette
+
+    return LabelSet(name=f"classes{n}", classes=tuple(f"class{i}" for i in range(n)), palette=_voc_palette(n))
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
