@@ -1,0 +1,145 @@
+"""Job configuration: one frozen object per job, defaults in one place.
+
+The CLI, the Prefect flows and config files all build these same objects. What changes
+the masks (the model and the CRF) is hashed into fingerprints that every output row
+carries; what only changes how the work runs (actors, shard size, Ray address, storage
+credentials) is not, so tuning the engine never invalidates results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from pipeline.errors import ConfigError
+
+DEFAULT_SHARD_SIZE = 64
+DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb limit, ~ a 7300x5500 photo
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Fully connected CRF (Krähenbühl & Koltun) parameters, as pydensecrf2 names them.
+
+    Defaults follow DeepLab's usage with pydensecrf: a smoothness (Gaussian) kernel of
+    3 px and weight 3, and an appearance (bilateral) kernel of 80 px / 13 intensity levels
+    with weight 10, run for 5 mean-field iterations.
+    """
+
+    iterations: int = 5
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ConfigError(f"CRF iterations must be >= 1, got {self.iterations}; use --no-crf to skip the CRF")
+        for f in fields(self):
+            if f.name != "iterations" and getattr(self, f.name) <= 0:
+                raise ConfigError(f"CRF parameter {f.name} must be > 0, got {getattr(self, f.name)}")
+
+    def fingerprint(self) -> str:
+        return digest({"crf": "densecrf", **asdict(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CRFParams":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown CRF parameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+NO_CRF_FINGERPRINT = "none"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model to run: a registry name, a checkpoint URL, torchvision weights, a seed.
+
+    All None means the bundled CamVid FCN-8s.
+    """
+
+    model: str | None = None
+    checkpoint: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LabelPairing:
+    """How `evaluate` pairs images with ground-truth labels and decodes them.
+
+    `format`: "index" (class-index PNG), "palette" (P-mode PNG whose indices are classes,
+    VOC style) or "rgb" (colour-coded, decoded through `colors`). `remap` maps raw label
+    values to classes (Cityscapes labelIds -> trainIds); unmapped values become ignore.
+    """
+
+    labels: str
+    image_suffix: str = ""
+    label_suffix: str = ""
+    format: str = "index"
+    colors: tuple[tuple[tuple[int, int, int], int], ...] = ()
+    remap: tuple[tuple[int, int], ...] = ()
+    ignore_index: int | None = None
+    boundary_tolerance: int = 2
+    trimap_width: int = 8
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything one `segment` (or `evaluate`) run needs."""
+
+    input: str
+    output: str
+    model: ModelRef = field(default_factory=ModelRef)
+    crf: CRFParams | None = field(default_factory=CRFParams)
+    crf_from_model: bool = True  # use the checkpoint's tuned CRF parameters unless set explicitly
+    shard_size: int = DEFAULT_SHARD_SIZE
+    batch_size: int = 4
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    ray_address: str | None = None
+    model_actors: int | None = None  # None: one per GPU, or one on a CPU-only cluster
+    crf_workers: int | None = None  # None: sized from the cluster's CPUs
+    max_shards_in_flight: int | None = None
+    max_shard_attempts: int = 3
+    force: bool = False
+    prune: bool = False
+    retry_errors: bool = False
+    content_hash: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    autocast: str = "auto"  # auto (bf16 on GPU) | off | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    evaluation: LabelPairing | None = None
+    progress: bool = True
+    storage_options: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_shard_attempts < 1:
+            raise ConfigError(f"--max-shard-attempts must be >= 1, got {self.max_shard_attempts}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.autocast not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"--autocast must be auto, off, bf16 or fp16, got {self.autocast!r}")
+
+    def with_(self, **changes) -> "SegmentConfig":
+        return replace(self, **changes)
+
+    def crf_fingerprint(self) -> str:
+        return self.crf.fingerprint() if self.crf is not None else NO_CRF_FINGERPRINT
+
+
+def digest(obj) -> str:
+    """A short, stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""segflow's exceptions. Each message names the input and, where there is one, the fix.
+
+The engine raises these; the shard boundary turns per-image ones into error rows (with
+`stage`), and the CLI boundary prints any of them as one line.
+"""
+
+from __future__ import annotations
+
+
+class SegflowError(Exception):
+    """Base of every error segflow raises on purpose."""
+
+
+class ConfigError(SegflowError):
+    """A bad option value."""
+
+
+class InputError(SegflowError):
+    """The INPUT location cannot be listed or holds nothing segflow can read."""
+
+
+class StorageError(SegflowError):
+    """Reading or writing storage failed after retries."""
+
+
+class ImageError(SegflowError):
+    """One image cannot be processed; becomes an error row rather than failing the job."""
+
+    stage = "decode"
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+class ImageReadError(ImageError):
+    """The file could not be read (missing, permission denied, storage failure)."""
+
+    stage = "read"
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a decodable image: empty, truncated, not an image, too many pixels."""
+
+    stage = "decode"
+
+
+class LabelError(ImageError):
+    """A ground-truth label is missing, unreadable or does not match its image."""
+
+    stage = "label"

@@ -1,0 +1,23 @@
+"""Shared fixtures: one real local Ray per session, CamVid location, quiet Prefect."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+pytest_plugins = [p for p in ("tests.s3_fixtures",) if (Path(__file__).parent / (p.split(".")[1] + ".py")).exists()]
+
+
+@pytest.fixture(scope="session")
+def camvid() -> Path:
+    """The shared CamVid folder; tests that need real data skip without it."""
+    if not (CAMVID / "val").is_dir():
+        pytest.skip(f"CamVid not found at {CAMVID} (the shared data folder beside the repo)")
+    return CAMVID
