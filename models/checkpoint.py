@@ -35,19 +35,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
-def save_checkpoint(path: str, state_dict: dict[str, torch.Tensor], meta: dict, storage_options: dict | None = None) -> str:
+def save_checkpoint(
+    path: str,
+    state_dict: dict[str, torch.Tensor],
+    meta: dict,
+    storage_options: dict | None = None,
+    float_dtype: torch.dtype | None = None,
+) -> str:
     """Write weights plus `meta` as one safetensors file at `path` (any fsspec URL).
 
-    Returns the sha256 of the bytes written, which is the checkpoint's identity.
+    `float_dtype` (e.g. torch.float16) stores floating-point weights at lower precision to
+    halve the file; loading casts them back to the network's dtype. Returns the sha256 of
+    the bytes written, which is the checkpoint's identity.
     """
     import fsspec
 
     meta = {"format": FORMAT_VERSION, **meta}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tensors = {k: _stored(v, float_dtype) for k, v in state_dict.items()}
     data = save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     with fsspec.open(path, "wb", **(storage_options or {})) as f:
         f.write(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _stored(t: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().cpu()
+    if float_dtype is not None and t.is_floating_point():
+        t = t.to(float_dtype)
+    return t.contiguous()
 
 
 def read_checkpoint(url: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:

@@ -64,6 +64,39 @@ class LoadedModel:
     meta: dict
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to know about a model without building it."""
+
+    fingerprint: str
+    labels: LabelSet
+    architecture: dict
+    meta: dict
+
+
+def describe_model(
+    model: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    storage_options: dict | None = None,
+) -> ModelInfo:
+    """Fingerprint, label set and metadata of what `load_model` would load, without building it."""
+    checkpoint = _resolve_bundled(model, checkpoint)
+    if checkpoint is not None:
+        _, meta, sha = read_checkpoint(checkpoint, storage_options)
+        return ModelInfo(sha[:16], LabelSet.from_dict(meta["labels"]), meta["architecture"], meta)
+    architecture = architecture_for(model)
+    if weights and weights.lower() != "none":
+        chosen = _torchvision_weights(model, weights)
+        labels = _labels_for(chosen.meta["categories"])
+        return ModelInfo(_digest({"architecture": architecture, "weights": chosen.url}), labels, architecture, {"weights": chosen.name})
+    labels = VOC if num_classes in (None, VOC.num_classes) else _numbered_labels(num_classes)
+    fingerprint = _digest({"architecture": architecture, "classes": labels.num_classes, "seed": seed})
+    return ModelInfo(fingerprint, labels, architecture, {"weights": f"random(seed={seed})"})
+
+
 def available_models() -> list[str]:
     return [BUNDLED, *FCN_MODELS, *TORCHVISION_MODELS]
 
@@ -103,20 +136,23 @@ def load_model(
       such output is not a segmentation).
     - nothing: the bundled CamVid FCN-8s.
     """
-    if checkpoint is None and model in (None, BUNDLED):
-        checkpoint = str(BUNDLED_CHECKPOINT)
-        if not BUNDLED_CHECKPOINT.exists():
-            raise ModelUnavailableError(f"the bundled model {BUNDLED_CHECKPOINT} is missing from this install")
+    checkpoint = _resolve_bundled(model, checkpoint)
     if checkpoint is not None:
         return _from_checkpoint(checkpoint, storage_options)
-    architecture = architecture_for(model)
+    info = describe_model(model, None, weights, num_classes, seed)
     if weights and weights.lower() != "none":
-        return _from_torchvision_weights(model, architecture, weights)
-    labels = VOC if num_classes in (None, VOC.num_classes) else _numbered_labels(num_classes)
+        return _from_torchvision_weights(model, info, weights)
     torch.manual_seed(seed)
-    net = build_network(architecture, labels.num_classes).eval()
-    fingerprint = _digest({"architecture": architecture, "classes": labels.num_classes, "seed": seed})
-    return LoadedModel(net, labels, IMAGENET_MEAN, IMAGENET_STD, architecture, fingerprint, {"weights": f"random(seed={seed})"})
+    net = build_network(info.architecture, info.labels.num_classes).eval()
+    return LoadedModel(net, info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
+
+
+def _resolve_bundled(model: str | None, checkpoint: str | None) -> str | None:
+    if checkpoint is None and model in (None, BUNDLED):
+        if not BUNDLED_CHECKPOINT.exists():
+            raise ModelUnavailableError(f"the bundled model {BUNDLED_CHECKPOINT} is missing from this install")
+        return str(BUNDLED_CHECKPOINT)
+    return checkpoint
 
 
 def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
@@ -134,15 +170,23 @@ def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
     return LoadedModel(net.eval(), labels, tuple(norm["mean"]), tuple(norm["std"]), architecture, sha[:16], meta)
 
 
-def _from_torchvision_weights(name: str, architecture: dict, weights: str) -> LoadedModel:
+def _torchvision_weights(name: str, weights: str):
+    enum = torchvision.models.get_model_weights(name)
     try:
-        enum = torchvision.models.get_model_weights(name)
-        chosen = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+        return enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
     except KeyError:
-        names = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+        names = ", ".join(w.name for w in enum)
         raise ModelUnavailableError(f"{name}: unknown weights {weights!r}; choose DEFAULT, none, or one of: {names}") from None
+
+
+def _labels_for(categories: list[str]) -> LabelSet:
+    return VOC if categories == list(VOC.classes) else _numbered_labels(len(categories))
+
+
+def _from_torchvision_weights(name: str, info: ModelInfo, weights: str) -> LoadedModel:
+    chosen = _torchvision_weights(name, weights)
     try:
-        net = build_network(architecture, len(chosen.meta["categories"]), chosen.name)
+        net = build_network(info.architecture, info.labels.num_classes, chosen.name)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub failures surface as either
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelUnavailableError(
@@ -150,9 +194,7 @@ def _from_torchvision_weights(name: str, architecture: dict, weights: str) -> Lo
             f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
             f"--checkpoint URL, or --weights none for an untrained network"
         ) from None
-    labels = VOC if chosen.meta["categories"] == list(VOC.classes) else _numbered_labels(len(chosen.meta["categories"]))
-    fingerprint = _digest({"architecture": architecture, "weights": chosen.url})
-    return LoadedModel(net.eval(), labels, IMAGENET_MEAN, IMAGENET_STD, architecture, fingerprint, {"weights": chosen.name})
+    return LoadedModel(net.eval(), info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
 
 
 class TorchvisionSegmenter(nn.Module):

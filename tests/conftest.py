@@ -21,3 +21,23 @@ def camvid() -> Path:
     if not (CAMVID / "val").is_dir():
         pytest.skip(f"CamVid not found at {CAMVID} (the shared data folder beside the repo)")
     return CAMVID
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray cluster (2 CPUs, token auth on) shared by the session's engine tests."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_fcn():
+    """An FCN-8s with seeded random weights: exercises the engine, its masks are NOT segmentations."""
+    from pipeline.config import ModelRef
+
+    return ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=0)

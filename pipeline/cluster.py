@@ -1,0 +1,79 @@
+"""Connecting to Ray and dividing the cluster between the model and the CRF.
+
+On a GPU cluster: one model actor per GPU, CRF workers on the remaining CPUs, since the
+CRF becomes the bottleneck once the network runs on a GPU.
+
+On a CPU-only machine: one single-threaded model actor, and as many CRF workers as
+there are cores. That deliberately oversubscribes by one: the network needs about a
+third of the CRF's CPU time per image, so with one worker fewer a core would sit idle
+whenever the model waited for work, and with one thread the model wastes no time on
+intra-op synchronisation. Ray's logical CPUs are divided accordingly (fractional CRF
+slots), and `bench/run.py` measures the result against the ideal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """How many actors and workers to start, and the Ray resources each asks for."""
+
+    device: str
+    model_actors: int
+    model_num_cpus: float
+    model_num_gpus: float
+    model_threads: int
+    decode_threads: int
+    crf_workers: int
+    crf_num_cpus: float
+    nodes: int
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ("auto", "ray://host:port"), or start a local one.
+
+    Token authentication stays on: local clusters get a generated token (RAY_AUTH_MODE=token).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    kwargs = {"logging_level": logging.WARNING, "include_dashboard": False}
+    try:
+        if address is None:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc}); start one with `ray start --head` or omit the flag for a local Ray") from None
+
+
+def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None) -> ClusterPlan:
+    """Size the model and CRF pools from the connected cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1))
+    gpus = int(resources.get("GPU", 0))
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
+    use_gpu = gpus > 0 and device != "cpu"
+    if use_gpu:
+        actors = model_actors or gpus
+        workers = crf_workers or max(1, int(cpus) - actors)
+        return ClusterPlan("cuda", actors, 1.0, 1.0, 1, 4, workers, max(0.01, (cpus - actors) / workers) if cpus > actors else 1.0, nodes)
+    actors = model_actors or 1
+    workers = crf_workers or max(1, int(cpus))
+    crf_cpus = max(0.01, (cpus - actors) / workers) if cpus > actors else 0.01
+    threads = max(1, int(cpus) // (4 * actors)) if cpus >= 8 else 1
+    return ClusterPlan("cpu", actors, 1.0, 0.0, threads, 1, workers, crf_cpus, nodes)

@@ -1,0 +1,215 @@
+"""The Ray driver: feeds shards to model actors, images to CRF workers, commits shards.
+
+A shard's journey: the driver hands it to a model actor (`ModelWorker.infer_shard`, a
+streaming generator); each image the actor yields goes straight to a CRF task
+(`refine_item`) without passing through the driver; when every image of the shard has
+its row, the driver commits the shard's Parquet files.
+
+At most `max_in_flight` shards are open at once, which bounds the decoded images and
+logits in the object store however large the collection. A shard whose actor dies, or
+whose refinement fails unexpectedly, is retried whole (actors restart on their own); one
+that fails `max_attempts` times becomes error rows, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.cluster import ClusterPlan
+from pipeline.commit import commit_shard
+from pipeline.config import ModelRef
+from pipeline.inference import InferenceOptions, ModelWorker
+from pipeline.refine import RefineContext, refine_item
+from pipeline.sharding import Shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExecutionStats:
+    """What running the shards produced (counts and timings)."""
+
+    masks: int = 0
+    errors: int = 0
+    shards_committed: int = 0
+    shard_retries: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+    seconds_to_first_commit: float | None = None
+    stage_seconds: dict = field(default_factory=dict)
+
+
+@dataclass
+class _OpenShard:
+    shard: Shard
+    attempt: int
+    actor: int
+    generator: object = None
+    generator_done: bool = False
+    refining: set = field(default_factory=set)
+    masks: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+
+
+_STAGE_COLUMNS = ("seconds_read", "seconds_decode", "seconds_infer", "seconds_refine", "seconds_encode")
+
+
+class ShardExecutor:
+    """Runs shards to completion on a connected Ray cluster."""
+
+    def __init__(
+        self,
+        model: ModelRef,
+        inference: InferenceOptions,
+        cluster: ClusterPlan,
+        refine_context: RefineContext,
+        output: str,
+        file_metadata: dict,
+        max_in_flight: int | None = None,
+        max_attempts: int = 3,
+        storage_options: dict | None = None,
+    ):
+        import ray
+
+        self._ray = ray
+        actor_class = ray.remote(ModelWorker).options(
+            num_cpus=cluster.model_num_cpus,
+            num_gpus=cluster.model_num_gpus,
+            max_restarts=-1,
+            max_task_retries=0,  # segflow retries whole shards itself
+            scheduling_strategy="SPREAD",
+        )
+        self.actors = [actor_class.remote(model, inference, storage_options) for _ in range(cluster.model_actors)]
+        self.refine = ray.remote(refine_item).options(num_cpus=cluster.crf_num_cpus, max_retries=3)
+        self.context = ray.put(refine_context)
+        self.evaluating = refine_context.evaluation is not None
+        self.output = output
+        self.file_metadata = file_metadata
+        self.storage_options = storage_options
+        self.max_in_flight = max_in_flight or 2 * cluster.model_actors
+        self.max_attempts = max_attempts
+
+    def run(self, shards: list[Shard], on_progress: Callable[[int], None] | None = None) -> ExecutionStats:
+        """Process every shard; each ends committed, with masks and/or error rows for all its images.
+
+        `on_progress(n)` is called as images finish (a retried shard's images count again).
+        """
+        stats = ExecutionStats(stage_seconds={c: 0.0 for c in _STAGE_COLUMNS})
+        self._on_progress = on_progress or (lambda n: None)
+        start = time.perf_counter()
+        waiting: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
+        open_shards: dict[str, _OpenShard] = {}
+        while waiting or open_shards:
+            while waiting and len(open_shards) < self.max_in_flight:
+                shard, attempt = waiting.popleft()
+                open_shards[shard.shard_id] = self._open(shard, attempt, open_shards)
+            for sid in self._wait_and_advance(open_shards, waiting, stats):
+                done = open_shards.pop(sid)
+                self._commit(done, stats)
+                if stats.seconds_to_first_commit is None:
+                    stats.seconds_to_first_commit = time.perf_counter() - start
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def actor_pids(self) -> list[int]:
+        return self._ray.get([a.pid.remote() for a in self.actors])
+
+    def _open(self, shard: Shard, attempt: int, open_shards: dict) -> _OpenShard:
+        load = [0] * len(self.actors)
+        for o in open_shards.values():
+            load[o.actor] += 1
+        actor = min(range(len(self.actors)), key=load.__getitem__)
+        generator = self.actors[actor].infer_shard.remote(shard)
+        return _OpenShard(shard=shard, attempt=attempt, actor=actor, generator=generator)
+
+    def _wait_and_advance(self, open_shards: dict[str, _OpenShard], waiting: deque, stats: ExecutionStats) -> list[str]:
+        """Wait for progress; route model output to CRF tasks, collect rows; return finished shard ids."""
+        ray = self._ray
+        owner = {}
+        for sid, o in open_shards.items():
+            if not o.generator_done:
+                owner[o.generator] = sid
+            for ref in o.refining:
+                owner[ref] = sid
+        if not owner:
+            return [sid for sid, o in open_shards.items() if o.generator_done and not o.refining]
+        ready, _ = ray.wait(list(owner), num_returns=1, timeout=10.0)
+        if ready:
+            ready, _ = ray.wait(list(owner), num_returns=len(owner), timeout=0)
+        failed: dict[str, BaseException] = {}
+        for ref in ready:
+            sid = owner[ref]
+            o = open_shards[sid]
+            if sid in failed:
+                continue
+            try:
+                if ref is o.generator:
+                    self._advance_generator(o)
+                else:
+                    o.refining.discard(ref)
+                    self._collect(o, ray.get(ref), stats)
+            except StopIteration:
+                o.generator_done = True
+            except Exception as exc:  # actor died, worker crashed, object lost: retry the shard
+                failed[sid] = exc
+        for sid, exc in failed.items():
+            self._fail(open_shards.pop(sid), exc, waiting, stats)
+        return [sid for sid, o in open_shards.items() if o.generator_done and not o.refining]
+
+    def _advance_generator(self, o: _OpenShard) -> None:
+        item_ref = next(o.generator)
+        o.refining.add(self.refine.remote(item_ref, self.context, o.shard.shard_id))
+
+    def _collect(self, o: _OpenShard, result: dict, stats: ExecutionStats) -> None:
+        self._on_progress(1)
+        if "mask" in result:
+            o.masks.append(result["mask"])
+            for column in _STAGE_COLUMNS:
+                stats.stage_seconds[column] += result["mask"].get(column) or 0.0
+        if "error" in result:
+            o.errors.append(result["error"])
+        if "metrics" in result:
+            o.metrics.append(result["metrics"])
+
+    def _fail(self, o: _OpenShard, exc: BaseException, waiting: deque, stats: ExecutionStats) -> None:
+        for ref in o.refining:
+            try:
+                self._ray.cancel(ref)
+            except Exception:
+                pass
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if o.attempt < self.max_attempts:
+            log.warning("shard %s attempt %d failed (%s); retrying", o.shard.shard_id, o.attempt, reason)
+            stats.shard_retries += 1
+            waiting.appendleft((o.shard, o.attempt + 1))
+            return
+        log.error("shard %s failed %d times; recording its images as errors", o.shard.shard_id, o.attempt)
+        o.masks, o.metrics = [], []
+        o.errors = [
+            {"uri": u, "key": k, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
+             "reason": f"shard failed {o.attempt} times, last: {reason}", **self._fingerprints()}
+            for u, k in zip(o.shard.uris, o.shard.keys)
+        ]
+        self._commit(o, stats)
+
+    def _fingerprints(self) -> dict:
+        return {k: self.file_metadata.get(k) for k in ("job_fingerprint", "model_fingerprint", "crf_fingerprint")}
+
+    def _commit(self, o: _OpenShard, stats: ExecutionStats) -> None:
+        accounted = {r["uri"] for r in o.masks} | {r["uri"] for r in o.errors}
+        missing = [(u, k) for u, k in zip(o.shard.uris, o.shard.keys) if u not in accounted]
+        for uri, key in missing:  # defensive: the invariant is every input in exactly one of masks or errors
+            o.errors.append({"uri": uri, "key": key, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
+                             "reason": "no result came back for this image", **self._fingerprints()})
+        commit_shard(
+            self.output, o.shard.shard_id, o.masks, o.errors, o.metrics if self.evaluating else None,
+            self.file_metadata, self.storage_options,
+        )
+        stats.masks += len(o.masks)
+        stats.errors += len(o.errors)
+        stats.shards_committed += 1

@@ -1,0 +1,157 @@
+"""The model stage: a Ray actor that loads its network once and streams a shard's logits.
+
+Per shard, background threads read and decode images while the
+actor's main thread runs the network, so decoding stays off the model's critical path.
+Consecutive images of the same size are batched (padding would change an FCN's output
+near the borders, so sizes are never mixed).
+
+What leaves the actor per image is the decoded RGB (the CRF's bilateral kernel needs it)
+and the network's *low-resolution* logits: for FCN-8s at stride 8 that is 64x fewer
+values than full-resolution probabilities. Upsampling happens beside the CRF, with the
+same bilinear operation the network's `forward` would apply, so masks are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import ModelRef
+from pipeline.decode import decode_image
+from pipeline.errors import ImageError
+from pipeline.sharding import Shard
+from pipeline.storage import read_bytes
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model actor runs its network (none of this changes the masks beyond autocast's tolerance)."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int = 1  # torch intra-op threads on CPU
+    batch_size: int = 4
+    decode_threads: int = 1
+    autocast: str = "off"  # off | bf16 | fp16 (GPU only)
+    channels_last: bool = True
+    compile: bool = False
+    max_pixels: int = 40_000_000
+
+
+class ModelWorker:
+    """Holds one network; `infer_shard` is a Ray streaming generator (one item per image)."""
+
+    def __init__(self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None):
+        import torch
+
+        from models.registry import load_model
+
+        self.options = options
+        self.storage_options = storage_options or {}
+        if options.device == "cpu":
+            torch.set_num_threads(options.threads)
+        loaded = load_model(
+            model.model, model.checkpoint, model.weights, model.num_classes, model.seed, storage_options=self.storage_options
+        )
+        self.device = torch.device(options.device)
+        net = loaded.net.to(self.device).eval()
+        if options.channels_last and options.device == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        self.lowres = torch.compile(net.lowres_logits) if options.compile else net.lowres_logits
+        self.mean = torch.tensor(loaded.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(loaded.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.node_id = _node_id()
+
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
+
+    def infer_shard(self, shard: Shard):
+        """Yield, per image in shard order, an inference result dict or a failure dict.
+
+        Decoding runs in `decode_threads` background threads (PIL releases the GIL), at
+        most one shard ahead, while this thread runs the network. A batch runs as soon as
+        it is full or no decoded image is waiting, so a slow reader never stalls the model.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="decode") as pool:
+            futures = [pool.submit(self._read_and_decode, *member) for member in zip(shard.uris, shard.keys, shard.label_uris)]
+            pending: list[dict] = []
+            for i, future in enumerate(futures):
+                item = future.result()
+                if "failure" in item:
+                    yield item
+                    continue
+                if pending and item["rgb"].shape != pending[0]["rgb"].shape:
+                    yield from self._run_batch(pending)
+                    pending = []
+                pending.append(item)
+                next_ready = i + 1 < len(futures) and futures[i + 1].done()
+                if len(pending) >= self.options.batch_size or not next_ready:
+                    yield from self._run_batch(pending)
+                    pending = []
+            yield from self._run_batch(pending)
+
+    def _read_and_decode(self, uri: str, key: str, label_uri: str | None) -> dict:
+        base = {"uri": uri, "key": key, "label_uri": label_uri, "node_id": self.node_id}
+        try:
+            t0 = time.perf_counter()
+            data = read_bytes(uri, self.storage_options)
+            t1 = time.perf_counter()
+            rgb = decode_image(data, uri, self.options.max_pixels)
+            return {**base, "rgb": rgb, "seconds_read": t1 - t0, "seconds_decode": time.perf_counter() - t1}
+        except ImageError as exc:
+            return {**base, "failure": {"stage": exc.stage, "reason": exc.reason}}
+        except Exception as exc:  # never lose an image: anything unexpected becomes its error row
+            return {**base, "failure": {"stage": "read", "reason": f"{type(exc).__name__}: {exc}"}}
+
+    def _run_batch(self, items: list[dict]):
+        if not items:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(np.stack([it["rgb"] for it in items]))
+        except Exception as exc:
+            for it in items:
+                it.pop("rgb", None)
+                yield {**it, "failure": {"stage": "infer", "reason": f"{type(exc).__name__}: {exc}"}}
+            return
+        per_image = (time.perf_counter() - t0) / len(items)
+        for it, lowres in zip(items, logits):
+            yield {**it, "logits": lowres, "seconds_infer": per_image}
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, C, h, w) float32 low-resolution logits."""
+        import torch
+
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        if self.options.channels_last and self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(self.device, self.options.autocast):
+            out = self.lowres(x)
+        return out.float().cpu().numpy()
+
+
+def _autocast(device, mode: str):
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda" or mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"

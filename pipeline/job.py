@@ -1,0 +1,239 @@
+"""A segflow job as four stages: list, plan, run, summarise.
+
+The CLI and the Prefect flows call these same functions (the flows make each a Prefect
+task). `run_segment` chains them for library users.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from pipeline.config import CRFParams, SegmentConfig, digest
+from pipeline.listing import list_inputs
+from pipeline.sharding import Shard, plan_shards
+from pipeline.state import diff_work, drop_rows, read_existing
+from pipeline.storage import redact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What a run will do, computed without side effects."""
+
+    shards: list[Shard]
+    images_total: int
+    up_to_date: int
+    deleted: list[str]
+    drop_uris: set[str]
+    unpaired_labels: list[str]
+    model_fingerprint: str
+    crf: CRFParams | None
+    job_fingerprint: str
+    labels: dict
+    seconds: float = 0.0
+
+    @property
+    def to_process(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def describe(self) -> str:
+        if not self.shards and not self.drop_uris:
+            return f"nothing to do: all {self.images_total} images are up to date"
+        parts = [f"{self.to_process} of {self.images_total} images to process in {len(self.shards)} shards"]
+        if self.up_to_date:
+            parts.append(f"{self.up_to_date} up to date")
+        if self.deleted:
+            parts.append(f"{len(self.deleted)} deleted from the source" + (" (pruning)" if self.drop_uris & set(self.deleted) else " (kept; --prune removes them)"))
+        return ", ".join(parts)
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a job, for the CLI's last lines, flow artifacts and callers."""
+
+    output: str
+    images_total: int
+    masks: int
+    errors: int
+    up_to_date: int
+    deleted: int
+    pruned: int
+    shards_run: int
+    shard_retries: int
+    seconds: float
+    images_per_second: float
+    seconds_to_first_commit: float | None
+    model_fingerprint: str
+    crf_fingerprint: str
+    stage_seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.masks} masks, {self.errors} errors, {self.up_to_date} up to date"
+            f" ({self.images_total} images) in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s"
+            f" -> {self.output}"
+        )
+
+
+def list_stage(cfg: SegmentConfig) -> pa.Table:
+    """The manifest of inputs (uri, key, ...; plus label_uri when evaluating)."""
+    manifest = list_inputs(cfg.input, cfg.storage_options, content_hash=cfg.content_hash)
+    if cfg.evaluation is None:
+        return manifest
+    from pipeline.groundtruth import pair_images_with_labels
+
+    labels = list_inputs(cfg.evaluation.labels, cfg.storage_options)
+    pairs, unpaired_images, unpaired_labels = pair_images_with_labels(
+        manifest.column("uri").to_pylist(), labels.column("uri").to_pylist(), cfg.evaluation
+    )
+    label_of = dict(pairs)
+    # unpaired images stay in the work (label_uri null) and become "label" error rows
+    label_uris = pa.array([label_of.get(u) for u in manifest.column("uri").to_pylist()], pa.string())
+    manifest = manifest.append_column("label_uri", label_uris)
+    return manifest.replace_schema_metadata({b"unpaired_labels": "\n".join(unpaired_labels).encode()})
+
+
+def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
+    """Compare the manifest with OUTPUT and cut the work into shards."""
+    from models.registry import describe_model
+
+    t0 = time.perf_counter()
+    m = cfg.model
+    info = describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
+    crf = _resolve_crf(cfg, info.meta)
+    crf_fingerprint = crf.fingerprint() if crf is not None else "none"
+    evaluation = asdict(cfg.evaluation) if cfg.evaluation is not None else None
+    if evaluation is not None:
+        evaluation.pop("labels")  # where labels live is not what they mean
+    job_fingerprint = digest({"model": info.fingerprint, "crf": crf_fingerprint, "evaluation": evaluation})
+    existing = read_existing(cfg.output, cfg.storage_options)
+    work = diff_work(manifest, existing, job_fingerprint, cfg.force, cfg.retry_errors, cfg.prune)
+    unpaired = (manifest.schema.metadata or {}).get(b"unpaired_labels", b"").decode()
+    return Plan(
+        shards=plan_shards(work.work, cfg.shard_size, job_fingerprint),
+        images_total=len(manifest),
+        up_to_date=work.up_to_date,
+        deleted=work.deleted,
+        drop_uris=work.drop_uris,
+        unpaired_labels=[u for u in unpaired.split("\n") if u],
+        model_fingerprint=info.fingerprint,
+        crf=crf,
+        job_fingerprint=job_fingerprint,
+        labels=info.labels.to_dict(),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def run_stage(cfg: SegmentConfig, plan: Plan):
+    """Remove superseded rows, then run the planned shards on Ray. Starts no Ray when idle."""
+    from pipeline.engine import ExecutionStats
+
+    existing = read_existing(cfg.output, cfg.storage_options)
+    pruned = drop_rows(cfg.output, existing, plan.drop_uris, {s.shard_id for s in plan.shards}, cfg.storage_options)
+    if not plan.shards:
+        stats = ExecutionStats()
+    else:
+        stats = _execute(cfg, plan)
+    stats.pruned = pruned if cfg.prune else 0
+    return stats
+
+
+def summarise_stage(cfg: SegmentConfig, plan: Plan, stats) -> RunSummary:
+    processed = stats.masks + stats.errors
+    return RunSummary(
+        output=redact(cfg.output),
+        images_total=plan.images_total,
+        masks=stats.masks,
+        errors=stats.errors,
+        up_to_date=plan.up_to_date,
+        deleted=len(plan.deleted),
+        pruned=stats.pruned,
+        shards_run=stats.shards_committed,
+        shard_retries=stats.shard_retries,
+        seconds=round(stats.seconds + plan.seconds, 3),
+        images_per_second=round(processed / stats.seconds, 3) if stats.seconds else 0.0,
+        seconds_to_first_commit=stats.seconds_to_first_commit,
+        model_fingerprint=plan.model_fingerprint,
+        crf_fingerprint=plan.crf.fingerprint() if plan.crf is not None else "none",
+        stage_seconds={k: round(v / max(1, stats.masks), 4) for k, v in stats.stage_seconds.items()},
+    )
+
+
+def run_segment(cfg: SegmentConfig, on_plan=None) -> RunSummary:
+    """List, plan, run and summarise in one call."""
+    manifest = list_stage(cfg)
+    plan = plan_stage(cfg, manifest)
+    if on_plan:
+        on_plan(plan)
+    return summarise_stage(cfg, plan, run_stage(cfg, plan))
+
+
+def finish_evaluation(cfg: SegmentConfig, plan: Plan | None = None) -> dict:
+    """Aggregate OUTPUT/metrics into summary.json/.parquet and write report.html."""
+    from models.labels import LabelSet
+    from pipeline.metrics import summarise_metrics
+    from pipeline.report import write_report
+
+    if plan is None:
+        plan = plan_stage(cfg, list_stage(cfg))
+    labels = LabelSet.from_dict(plan.labels)
+    summary = summarise_metrics(cfg.output, cfg.storage_options, labels)
+    summary["unpaired_labels"] = plan.unpaired_labels
+    summary["report"] = write_report(cfg.output, summary, labels=labels, storage_options=cfg.storage_options)
+    return summary
+
+
+def _resolve_crf(cfg: SegmentConfig, model_meta: dict) -> CRFParams | None:
+    """Explicit parameters win; otherwise the checkpoint's tuned ones; otherwise DeepLab's."""
+    if cfg.crf is None:
+        return None
+    if cfg.crf_from_model and model_meta.get("crf"):
+        return CRFParams.from_dict(model_meta["crf"])
+    return cfg.crf
+
+
+def _execute(cfg: SegmentConfig, plan: Plan):
+    from models.labels import LabelSet
+    from pipeline.cluster import connect, plan_cluster
+    from pipeline.engine import ShardExecutor
+    from pipeline.inference import InferenceOptions
+    from pipeline.progress import ProgressBar
+    from pipeline.refine import DenseCRFRefiner, RefineContext
+
+    connect(cfg.ray_address)
+    cluster = plan_cluster(cfg.device, cfg.model_actors, cfg.crf_workers)
+    labels = LabelSet.from_dict(plan.labels)
+    fingerprints = {
+        "job_fingerprint": plan.job_fingerprint,
+        "model_fingerprint": plan.model_fingerprint,
+        "crf_fingerprint": plan.crf.fingerprint() if plan.crf is not None else "none",
+    }
+    autocast = cfg.autocast if cfg.autocast != "auto" else ("bf16" if cluster.device == "cuda" else "off")
+    options = InferenceOptions(
+        device=cluster.device, threads=cluster.model_threads, batch_size=cfg.batch_size, decode_threads=cluster.decode_threads,
+        autocast=autocast, channels_last=cfg.channels_last, compile=cfg.compile, max_pixels=cfg.max_pixels,
+    )
+    context = RefineContext(
+        refiner=DenseCRFRefiner(plan.crf) if plan.crf is not None else None,
+        num_classes=labels.num_classes,
+        flat_palette=tuple(labels.flat_palette()),
+        fingerprints=fingerprints,
+        evaluation=cfg.evaluation,
+        ignore_index=cfg.evaluation.ignore_index if cfg.evaluation and cfg.evaluation.ignore_index is not None else labels.ignore_index,
+        storage_options=cfg.storage_options,
+    )
+    metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(plan.crf) if plan.crf else None}
+    executor = ShardExecutor(
+        cfg.model, options, cluster, context, cfg.output, metadata,
+        max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, storage_options=cfg.storage_options,
+    )
+    with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:
+        return executor.run(plan.shards, on_progress=bar.update)

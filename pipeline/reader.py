@@ -1,0 +1,86 @@
+"""Reading segflow's outputs: tables as Arrow or pandas, masks as numpy arrays.
+
+    from pipeline.reader import read_masks, read_errors, load_mask
+    table = read_masks("out/")                      # pyarrow.Table
+    df = read_masks("out/", columns=["uri", "pixel_counts"]).to_pandas()
+    mask = load_mask("out/", "/data/img_001.png")   # (H, W) uint8 class ids
+
+Only committed files are read: staging files start with "." and are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline.commit import ERRORS, MASKS, METRICS, dataset_url
+from pipeline.masks import decode_mask
+from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.storage import filesystem_for
+
+
+def open_dataset(output: str, name: str, storage_options: dict | None = None) -> ds.Dataset | None:
+    """The Parquet dataset `name` (masks, errors, metrics) under OUTPUT, or None if absent."""
+    fs, path = filesystem_for(dataset_url(output, name), storage_options)
+    if not fs.exists(path):
+        return None
+    return ds.dataset(path, filesystem=fs, format="parquet")
+
+
+def read_masks(output: str, columns: list[str] | None = None, filter=None, storage_options: dict | None = None) -> pa.Table:
+    """The masks table (see README for columns); `filter` is a pyarrow.compute expression."""
+    return _read(output, MASKS, MASKS_SCHEMA, columns, filter, storage_options)
+
+
+def read_errors(output: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
+    return _read(output, ERRORS, ERRORS_SCHEMA, columns, None, storage_options)
+
+
+def read_metrics(output: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
+    dataset = open_dataset(output, METRICS, storage_options)
+    return dataset.to_table(columns=columns) if dataset is not None else pa.table({})
+
+
+def load_mask(output: str, uri: str, raw: bool = False, storage_options: dict | None = None) -> np.ndarray:
+    """The (H, W) uint8 mask of one image (`raw=True`: the model's mask before the CRF)."""
+    column = "raw_mask" if raw else "mask"
+    table = read_masks(output, columns=["uri", column], filter=pc.field("uri") == uri, storage_options=storage_options)
+    if len(table) == 0:
+        raise KeyError(f"{uri}: no mask in {output}")
+    png = table.column(column)[0].as_py()
+    if png is None:
+        raise KeyError(f"{uri}: no raw mask (the CRF did not run, so `mask` is the raw mask)")
+    return decode_mask(png)
+
+
+def iter_masks(output: str, raw: bool = False, storage_options: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (uri, mask) pairs batch by batch, with flat memory."""
+    dataset = open_dataset(output, MASKS, storage_options)
+    if dataset is None:
+        return
+    column = "raw_mask" if raw else "mask"
+    for batch in dataset.to_batches(columns=["uri", column], batch_size=256):
+        for uri, png in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if png is not None:
+                yield uri, decode_mask(png)
+
+
+def output_metadata(output: str, storage_options: dict | None = None) -> dict:
+    """The segflow metadata (label set, fingerprints, CRF) stored in the masks files."""
+    dataset = open_dataset(output, MASKS, storage_options)
+    if dataset is None:
+        return {}
+    meta = dataset.schema.metadata or {}
+    return json.loads(meta.get(b"segflow", b"{}"))
+
+
+def _read(output, name, schema, columns, filter, storage_options) -> pa.Table:
+    dataset = open_dataset(output, name, storage_options)
+    if dataset is None:
+        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    return dataset.to_table(columns=columns, filter=filter)

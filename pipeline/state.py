@@ -1,0 +1,130 @@
+"""What an existing OUTPUT already holds, and what a new run must redo.
+
+The outputs themselves are the state: there is no separate database to drift out of
+sync. A committed shard is one whose masks file exists (it is written last); rows of
+committed shards say which (uri, key, job fingerprint) results exist.
+
+An image is up to date when it has a row whose content key and job fingerprint match
+this run. Everything else is work. Rows that a run will supersede are removed *before*
+the new results are produced ("invalidate, then process"): a crash in between loses no
+input (the image simply has no row and is picked up again) and can never leave two rows
+for one image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
+from pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
+
+_SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")
+_STATE_COLUMNS = ["uri", "key", "job_fingerprint", "shard_id"]
+
+
+@dataclass
+class ExistingOutputs:
+    """Rows of committed shards (uri, key, job_fingerprint, shard_id, dataset) and file locations."""
+
+    rows: pa.Table
+    files: dict[tuple[str, str], str] = field(default_factory=dict)  # (dataset, shard_id) -> path
+    fs: object = None
+
+    @property
+    def committed_shards(self) -> set[str]:
+        return {sid for (dataset, sid) in self.files if dataset == MASKS}
+
+
+def read_existing(output: str, storage_options: dict | None = None) -> ExistingOutputs:
+    """Read the state columns of every committed shard under OUTPUT; remove interrupted leftovers."""
+    fs, _ = filesystem_for(output, storage_options)
+    files: dict[tuple[str, str], str] = {}
+    for dataset in DATASETS:
+        _, directory = filesystem_for(dataset_url(output, dataset), storage_options)
+        if not with_retries(fs.exists, directory, what=dataset_url(output, dataset)):
+            continue
+        clean_staging((fs, directory))
+        for path in with_retries(fs.ls, directory, detail=False, what=dataset_url(output, dataset)):
+            match = _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                files[(dataset, match.group(1))] = path
+    committed = {sid for (dataset, sid) in files if dataset == MASKS}
+    for (dataset, sid), path in list(files.items()):
+        if sid not in committed:  # interrupted between its first file and its commit marker
+            with_retries(fs.rm, path, what=path)
+            del files[(dataset, sid)]
+    tables = []
+    for dataset in (MASKS, ERRORS):
+        paths = [p for (d, _), p in files.items() if d == dataset]
+        if paths:
+            t = ds.dataset(paths, filesystem=fs, format="parquet").to_table(columns=_STATE_COLUMNS)
+            tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
+    rows = pa.concat_tables(tables) if tables else _empty_state()
+    return ExistingOutputs(rows=rows, files=files, fs=fs)
+
+
+@dataclass
+class WorkDiff:
+    """The outcome of comparing a manifest with existing outputs."""
+
+    work: pa.Table  # manifest rows to process, sorted by uri
+    up_to_date: int
+    drop_uris: set[str]  # rows to remove before processing (superseded, or pruned)
+    deleted: list[str]  # URIs with results whose source is no longer listed
+
+
+def diff_work(manifest: pa.Table, existing: ExistingOutputs, job_fingerprint: str, force: bool, retry_errors: bool, prune: bool) -> WorkDiff:
+    """Split the manifest into work and up-to-date images; find superseded and deleted results."""
+    rows = existing.rows
+    listed = manifest.column("uri")
+    deleted = pc.filter(rows.column("uri"), pc.invert(pc.is_in(rows.column("uri"), value_set=listed))).unique().to_pylist()
+    if force or len(rows) == 0:
+        done_uris = pa.array([], pa.string())
+    else:
+        good = pc.and_(pc.equal(rows.column("job_fingerprint"), job_fingerprint), pc.is_valid(rows.column("key")))
+        if retry_errors:  # error rows do not count as done: those images are tried again
+            good = pc.and_(good, pc.equal(rows.column("dataset"), MASKS))
+        current = rows.filter(good).select(["uri", "key"])
+        matched = manifest.select(["uri", "key"]).join(current, keys=["uri", "key"], join_type="inner")
+        # an image with two rows (impossible unless files were edited by hand) is redone to heal it
+        counts = pc.value_counts(rows.column("uri"))
+        duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        done_uris = pc.filter(matched.column("uri"), pc.invert(pc.is_in(matched.column("uri"), value_set=duplicated)))
+    is_done = pc.is_in(manifest.column("uri"), value_set=done_uris)
+    work = manifest.filter(pc.invert(is_done))
+    superseded = pc.filter(rows.column("uri"), pc.is_in(rows.column("uri"), value_set=work.column("uri"))).to_pylist()
+    drop = set(superseded) | (set(deleted) if prune else set())
+    return WorkDiff(work=work, up_to_date=len(manifest) - len(work), drop_uris=drop, deleted=deleted)
+
+
+def drop_rows(output: str, existing: ExistingOutputs, drop_uris: set[str], keep_shards: set[str], storage_options: dict | None = None) -> int:
+    """Rewrite every committed shard file holding rows in `drop_uris` without them; returns rows removed.
+
+    Shards in `keep_shards` are about to be rewritten whole by this run (same id means the
+    same members), so they are left alone. Files stay even when emptied, so the shard
+    still reads as committed; masks files go last, as in a commit.
+    """
+    if not drop_uris:
+        return 0
+    value_set = pa.array(sorted(drop_uris), pa.string())
+    removed = 0
+    for (dataset, sid), path in sorted(existing.files.items(), key=lambda kv: kv[0][0] == MASKS):
+        if sid in keep_shards:
+            continue
+        table = with_retries(pq.read_table, path, filesystem=existing.fs, what=path)
+        keep = pc.invert(pc.is_in(table.column("uri"), value_set=value_set))
+        kept = table.filter(keep)
+        if len(kept) != len(table):
+            removed += (len(table) - len(kept)) if dataset != "metrics" else 0
+            commit_file((existing.fs, path), table_bytes(kept, table.schema.metadata))
+    return removed
+
+
+def _empty_state() -> pa.Table:
+    return pa.table({c: pa.array([], pa.string()) for c in [*_STATE_COLUMNS, "dataset"]})
