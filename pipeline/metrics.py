@@ -3,15 +3,34 @@
 Every dataset-level score is computed from a summed confusion matrix, never from a mean of
 per-image scores: per-image means over-weight small images and classes that barely appear.
 Rows are ground truth, columns are predictions.
+
+The flow for `segflow evaluate`: the engine calls `image_metrics` once per image and writes
+its dict as one Parquet row (types in `metric_schema`); `MetricTotals` (or `aggregate`) sums
+the count columns of any number of rows and derives every dataset score from the sums.
+A class absent from both ground truth and prediction has no score: it is None (null in
+Parquet and JSON), never 0 or 1.
 """
 
 from __future__ import annotations
 
+from math import isqrt
+from typing import Iterable
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.boundary import COUNT_NAMES, GT, GT_MATCHED, PRED, PRED_MATCHED, boundary_counts, trimap_band
+from pipeline.errors import LabelError
+
+VARIANTS = ("raw", "crf")  # raw model mask, CRF-refined mask
 
 
 def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
-    """(H, W) ground truth and prediction -> (K, K) int64 counts, ignoring void and out-of-range labels."""
+    """(H, W) ground truth and prediction -> (K, K) int64 counts, ignoring void and out-of-range labels.
+
+    Predictions must lie in [0, K): one that does not would be counted in the wrong cell.
+    """
     if label.shape != pred.shape:
         raise ValueError(f"label shape {label.shape} differs from prediction shape {pred.shape}")
     label = label.ravel().astype(np.int64)
@@ -19,6 +38,9 @@ def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int, igno
     keep = (label >= 0) & (label < num_classes)
     if ignore_index is not None:
         keep &= label != ignore_index
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        bad = pred.max() if pred.max() >= num_classes else pred.min()
+        raise ValueError(f"prediction holds class {bad}, outside [0, {num_classes}); was the mask made with another label set?")
     return np.bincount(num_classes * label[keep] + pred[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -34,3 +56,305 @@ def mean_iou(confusion: np.ndarray) -> float:
     """Mean of the defined per-class IoUs (classes absent from both sides are skipped)."""
     iou = per_class_iou(confusion)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def pixel_accuracy(confusion: np.ndarray) -> float:
+    """Correct labelled pixels / labelled pixels; NaN when nothing is labelled."""
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else float("nan")
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """(K,) recall per class: correct pixels of class c / ground-truth pixels of c; NaN without any."""
+    gt = confusion.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gt > 0, np.diag(confusion) / gt, np.nan)
+
+
+def mean_class_accuracy(confusion: np.ndarray) -> float:
+    """Mean of `per_class_accuracy` over the classes that occur in the ground truth."""
+    acc = per_class_accuracy(confusion)
+    return float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+
+
+def frequency_weighted_iou(confusion: np.ndarray) -> float:
+    """Σ_c (ground-truth share of c) · IoU_c, as in Long et al.'s FCN paper."""
+    total = confusion.sum()
+    if not total:
+        return float("nan")
+    freq = confusion.sum(1) / total
+    iou = per_class_iou(confusion)
+    seen = freq > 0  # a class with ground truth always has a defined IoU
+    return float((freq[seen] * iou[seen]).sum())
+
+
+def boundary_f1(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(4, K) boundary counts (see `boundary.boundary_counts`, or their sum) -> (K,) precision, recall, F1.
+
+    Precision is NaN without predicted boundary pixels, recall NaN without ground-truth ones.
+    F1 is NaN when the class has boundary pixels on neither side (nothing to judge), and 0
+    when only one side has them (an edge was missed entirely, or invented).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(counts[PRED] > 0, counts[PRED_MATCHED] / counts[PRED], np.nan)
+        recall = np.where(counts[GT] > 0, counts[GT_MATCHED] / counts[GT], np.nan)
+        both = np.nan_to_num(precision) + np.nan_to_num(recall)
+        f1 = np.where(both > 0, 2 * np.nan_to_num(precision) * np.nan_to_num(recall) / both, 0.0)
+    f1 = np.where((counts[PRED] == 0) & (counts[GT] == 0), np.nan, f1)
+    return precision, recall, f1
+
+
+def metric_schema() -> pa.Schema:
+    """The Parquet types of the columns `image_metrics` returns (K = number of classes).
+
+    Per variant v in ("raw", "crf"); the crf columns are null when the CRF did not run:
+    v_confusion list<int64> (K*K, row-major, rows = ground truth); v_trimap_confusion the same
+    restricted to the trimap band; v_pixel_accuracy, v_miou, v_bf float64 (per-image, for
+    ranking and browsing only); v_iou list<float64> (K, null = class absent from both sides);
+    v_boundary_pred, v_boundary_pred_matched, v_boundary_gt, v_boundary_gt_matched list<int64> (K).
+    """
+    fields = []
+    for v in VARIANTS:
+        fields += [
+            pa.field(f"{v}_confusion", pa.list_(pa.int64())),
+            pa.field(f"{v}_trimap_confusion", pa.list_(pa.int64())),
+            pa.field(f"{v}_pixel_accuracy", pa.float64()),
+            pa.field(f"{v}_miou", pa.float64()),
+            pa.field(f"{v}_iou", pa.list_(pa.float64())),
+            pa.field(f"{v}_bf", pa.float64()),
+        ]
+        fields += [pa.field(f"{v}_boundary_{name}", pa.list_(pa.int64())) for name in COUNT_NAMES]
+    return pa.schema(fields)
+
+
+def count_columns() -> list[str]:
+    """The columns dataset aggregation needs; read only these (plus what ranking needs)."""
+    return [f"{v}_{n}" for v in VARIANTS for n in ("confusion", "trimap_confusion", *(f"boundary_{c}" for c in COUNT_NAMES))]
+
+
+def image_metrics(
+    label: np.ndarray,
+    raw_pred: np.ndarray,
+    crf_pred: np.ndarray | None,
+    num_classes: int,
+    ignore_index: int | None,
+    tolerance: int = 2,
+    trimap_width: int = 8,
+    *,
+    uri: str = "label",
+) -> dict:
+    """One image's metric columns (see `metric_schema`) from (H, W) int class maps.
+
+    `label` is ground truth with void as `ignore_index` (or any value outside [0, K));
+    predictions hold classes in [0, K). `tolerance` and `trimap_width` are in pixels.
+    Raises LabelError (naming `uri`) when the label and a prediction differ in size, which
+    the engine records as an error row for that image.
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise LabelError(uri, f"label must be a 2-D (H, W) class map, got shape {label.shape}")
+    preds = {"raw": raw_pred, "crf": crf_pred}
+    for variant, pred in preds.items():
+        if pred is not None and np.shape(pred) != label.shape:
+            raise LabelError(uri, f"label is {label.shape[1]}x{label.shape[0]} (WxH) but the {variant} mask is "
+                             f"{'x'.join(map(str, np.shape(pred)[::-1]))}; the label must have its image's size")
+    valid = (label >= 0) & (label < num_classes)
+    if ignore_index is not None:
+        valid &= label != ignore_index
+    band = trimap_band(label, valid, trimap_width)
+    row: dict = {}
+    for variant, pred in preds.items():
+        if pred is None:
+            row.update({f.name: None for f in metric_schema() if f.name.startswith(variant + "_")})
+            continue
+        pred = np.asarray(pred)
+        confusion = confusion_matrix(label, pred, num_classes, ignore_index)
+        trimap = confusion_matrix(label[band], pred[band], num_classes, ignore_index)
+        counts = boundary_counts(label, pred, valid, num_classes, tolerance)
+        row[f"{variant}_confusion"] = confusion.ravel().tolist()
+        row[f"{variant}_trimap_confusion"] = trimap.ravel().tolist()
+        row[f"{variant}_pixel_accuracy"] = _number(pixel_accuracy(confusion))
+        row[f"{variant}_miou"] = _number(mean_iou(confusion))
+        row[f"{variant}_iou"] = _numbers(per_class_iou(confusion))
+        row[f"{variant}_bf"] = _number(_nanmean(boundary_f1(counts)[2]))
+        for i, name in enumerate(COUNT_NAMES):
+            row[f"{variant}_boundary_{name}"] = counts[i].tolist()
+    return row
+
+
+class MetricTotals:
+    """Running sums of the metric count columns; merges by addition, scores from the sums.
+
+    Three sums are kept: "raw" over every scored image, "crf" over images with a CRF mask, and
+    "raw_paired" (raw over the same images as "crf"), so that crf - raw compares like with like
+    even if some images have no CRF mask.
+    """
+
+    def __init__(self, num_classes: int | None = None):
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = 0  # every row seen, error rows included
+        self.images = {"raw": 0, "crf": 0, "raw_paired": 0}
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+
+    def process(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Add the rows of one batch. Rows whose raw confusion is null (error rows) only count in `rows`."""
+        self.rows += batch.num_rows
+        raw_ok = _valid(batch, "raw_confusion")
+        crf_ok = _valid(batch, "crf_confusion")
+        selections = {"raw": raw_ok, "crf": pc.and_(raw_ok, crf_ok), "raw_paired": pc.and_(raw_ok, crf_ok)}
+        for key, rows in selections.items():
+            n = pc.sum(rows.cast(pa.int64())).as_py() or 0
+            if not n:
+                continue
+            variant = key.split("_")[0]
+            k = self._classes(batch.column(f"{variant}_confusion").filter(rows))
+            self.images[key] += n
+            zeros = {"confusion": (k, k), "trimap_confusion": (k, k), "boundary": (4, k)}
+            sums = self.sums.setdefault(key, {name: np.zeros(shape, np.int64) for name, shape in zeros.items()})
+            for name in ("confusion", "trimap_confusion"):
+                sums[name] += _sum_lists(batch, f"{variant}_{name}", rows, k * k).reshape(k, k)
+            for i, name in enumerate(COUNT_NAMES):
+                sums["boundary"][i] += _sum_lists(batch, f"{variant}_boundary_{name}", rows, k)
+
+    def merge(self, other: "MetricTotals") -> None:
+        """Add another worker's totals into these."""
+        if other.num_classes is not None and self.num_classes not in (None, other.num_classes):
+            raise ValueError(f"cannot merge totals over {other.num_classes} classes into totals over {self.num_classes}")
+        self.num_classes = self.num_classes or other.num_classes
+        self.rows += other.rows
+        for key, n in other.images.items():
+            self.images[key] += n
+        for key, sums in other.sums.items():
+            mine = self.sums.setdefault(key, {name: np.zeros_like(a) for name, a in sums.items()})
+            for name, a in sums.items():
+                mine[name] += a
+
+    def compute(self) -> dict:
+        """The dataset summary: scores per variant, crf - raw deltas, counts of images. JSON-ready."""
+        scores = {key: _scores(s) for key, s in self.sums.items()}
+        crf, paired = scores.get("crf"), scores.get("raw_paired")
+        return {
+            "num_classes": self.num_classes,
+            "rows": self.rows,
+            "images_scored": self.images["raw"],
+            "images_with_crf": self.images["crf"],
+            "raw": scores.get("raw"),
+            "crf": crf,
+            "delta": _delta(crf, paired) if crf and paired else None,
+        }
+
+    def _classes(self, confusion: pa.Array) -> int:
+        lengths = pc.unique(pc.list_value_length(confusion)).to_pylist()
+        ks = {isqrt(n) for n in lengths}
+        if len(ks) != 1 or any(isqrt(n) ** 2 != n for n in lengths):
+            raise ValueError(f"confusion lists have lengths {lengths}; each must be K*K for one K")
+        k = ks.pop()
+        if self.num_classes not in (None, k):
+            raise ValueError(f"rows hold {k}x{k} confusion matrices but earlier rows (or the label set) say "
+                             f"{self.num_classes} classes; were runs with different label sets written to one output?")
+        self.num_classes = k
+        return k
+
+
+def aggregate(tables: Iterable[pa.Table | pa.RecordBatch] | pa.Table, num_classes: int | None = None) -> dict:
+    """Metric rows (any number of tables or batches) -> dataset summary, from summed counts only."""
+    if isinstance(tables, (pa.Table, pa.RecordBatch)):
+        tables = [tables]
+    totals = MetricTotals(num_classes)
+    for table in tables:
+        totals.process(table)
+    return totals.compute()
+
+
+def summarise_metrics(output_url: str, storage_options: dict | None = None, label_set=None, **options) -> dict:
+    """Stream OUTPUT/metrics/, aggregate, write OUTPUT/summary.json and summary.parquet; -> the summary.
+
+    The dataset-level entry point the engine calls after its last shard. This module stays
+    free of storage: the reading and writing live in `pipeline.summary.summarise_metrics`,
+    which documents the options (`extremes`, `batch_size`).
+    """
+    from pipeline.summary import summarise_metrics as summarise  # lazy: pipeline.summary imports this module
+
+    return summarise(output_url, storage_options, label_set, **options)
+
+
+SCALARS = ("miou", "pixel_accuracy", "mean_class_accuracy", "fw_iou", "bf", "trimap_miou", "trimap_pixel_accuracy")
+PER_CLASS_DELTAS = ("iou", "accuracy", "bf", "trimap_iou")
+
+
+def _scores(sums: dict[str, np.ndarray]) -> dict:
+    cm, tcm, counts = sums["confusion"], sums["trimap_confusion"], sums["boundary"]
+    iou = per_class_iou(cm)
+    bf_p, bf_r, bf = boundary_f1(counts)
+    return {
+        "miou": _number(_nanmean(iou)),
+        "pixel_accuracy": _number(pixel_accuracy(cm)),
+        "mean_class_accuracy": _number(mean_class_accuracy(cm)),
+        "fw_iou": _number(frequency_weighted_iou(cm)),
+        "bf": _number(_nanmean(bf)),
+        "trimap_miou": _number(mean_iou(tcm)),
+        "trimap_pixel_accuracy": _number(pixel_accuracy(tcm)),
+        "absent": np.flatnonzero(np.isnan(iou)).tolist(),
+        "per_class": {
+            "iou": _numbers(iou),
+            "accuracy": _numbers(per_class_accuracy(cm)),
+            "bf": _numbers(bf),
+            "bf_precision": _numbers(bf_p),
+            "bf_recall": _numbers(bf_r),
+            "trimap_iou": _numbers(per_class_iou(tcm)),
+            "gt_pixels": cm.sum(1).tolist(),
+            "pred_pixels": cm.sum(0).tolist(),
+        },
+        "confusion": cm.tolist(),
+        "trimap_confusion": tcm.tolist(),
+        "boundary_counts": {name: counts[i].tolist() for i, name in enumerate(COUNT_NAMES)},
+    }
+
+
+def _delta(crf: dict, raw: dict) -> dict:
+    out = {key: _minus(crf[key], raw[key]) for key in SCALARS}
+    out["per_class"] = {
+        key: [_minus(c, r) for c, r in zip(crf["per_class"][key], raw["per_class"][key])] for key in PER_CLASS_DELTAS
+    }
+    return out
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _valid(batch: pa.RecordBatch | pa.Table, column: str) -> pa.Array:
+    if column not in batch.schema.names:
+        return pa.array(np.zeros(batch.num_rows, dtype=bool))
+    col = batch.column(column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.is_valid()
+
+
+def _sum_lists(batch: pa.RecordBatch | pa.Table, column: str, rows: pa.Array, length: int) -> np.ndarray:
+    """Sum the selected rows' list<int64> values element-wise -> (length,) int64."""
+    col = batch.column(column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    chosen = col.filter(rows)
+    if chosen.null_count or pc.any(pc.not_equal(pc.list_value_length(chosen), length)).as_py():
+        raise ValueError(f"column {column!r}: every scored row needs a list of {length} counts (found nulls or other lengths)")
+    flat = chosen.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return flat.reshape(-1, length).sum(axis=0)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _number(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _numbers(values: np.ndarray) -> list[float | None]:
+    return [_number(v) for v in values]
