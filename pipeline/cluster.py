@@ -40,13 +40,18 @@ class ClusterPlan:
 def connect(address: str | None) -> None:
     """Join the Ray cluster at `address` ("auto", "ray://host:port"), or start a local one.
 
-    Token authentication stays on: local clusters get a generated token (RAY_AUTH_MODE=token).
+    Token authentication stays on: Ray (2.59+) generates a token for local clusters and
+    keeps it in ~/.ray/auth_token; segflow refuses to run with it switched off.
     """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise ConfigError(
+            f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: segflow keeps Ray's token authentication on; "
+            "unset RAY_AUTH_MODE (or set it to token) and give remote clusters their token via RAY_AUTH_TOKEN"
+        )
     kwargs = {"logging_level": logging.WARNING, "include_dashboard": False}
     try:
         if address is None:

@@ -23,7 +23,7 @@ from pipeline.cluster import ClusterPlan
 from pipeline.commit import commit_shard
 from pipeline.config import ModelRef
 from pipeline.inference import InferenceOptions, ModelWorker
-from pipeline.refine import RefineContext, refine_item
+from pipeline.refine import RefineContext, refine_item, warm_up
 from pipeline.sharding import Shard
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class ShardExecutor:
         )
         self.actors = [actor_class.remote(model, inference, storage_options) for _ in range(cluster.model_actors)]
         self.refine = ray.remote(refine_item).options(num_cpus=cluster.crf_num_cpus, max_retries=3)
+        # start CRF worker processes (and their torch import) while the model actors load
+        warm = ray.remote(warm_up).options(num_cpus=cluster.crf_num_cpus)
+        self._warming = [warm.remote() for _ in range(cluster.crf_workers)]
         self.context = ray.put(refine_context)
         self.evaluating = refine_context.evaluation is not None
         self.output = output

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pipeline.config import CRFParams, LabelPairing
 from pipeline.crf import refine_with_crf
@@ -66,13 +68,16 @@ def probabilities_from_logits(logits: np.ndarray, height: int, width: int) -> np
     The upsampling is the registry contract's: bilinear, align_corners=False, exactly
     what the network's own `forward` does.
     """
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None]
     if t.shape[-2:] != (height, width):
         t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
     return torch.softmax(t[0], dim=0).numpy()
+
+
+def warm_up() -> int:
+    """A no-op task that makes a CRF worker process import torch and pydensecrf ahead of work."""
+    torch.set_num_threads(1)
+    return 0
 
 
 def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
@@ -80,6 +85,7 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     base = {"uri": item["uri"], "key": item["key"], "shard_id": shard_id, "node_id": item.get("node_id"), **ctx.fingerprints}
     if "failure" in item:
         return {"error": {**base, **item["failure"], "attempts": 1}}
+    torch.set_num_threads(1)  # one CRF task per core: intra-op threads would oversubscribe
     try:
         return _refine(item, ctx, base)
     except Exception as exc:

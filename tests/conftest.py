@@ -28,7 +28,6 @@ def ray_local():
     """One real local Ray cluster (2 CPUs, token auth on) shared by the session's engine tests."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
