@@ -20,6 +20,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -53,6 +54,9 @@ class MotoServer:
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
         self._admin = None
+        # A test run that dies without fixture teardown must not leave the server behind
+        # (it ignores SIGTERM, and would keep its port and memory).
+        atexit.register(self.stop)
         self._log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)
 
     @property
@@ -84,7 +88,7 @@ class MotoServer:
         raise RuntimeError(f"moto server did not come up on port {self.port} within {timeout}s; log tail:\n{tail}")
 
     def stop(self) -> None:
-        """Kill the server process: new connections are refused; its state is lost."""
+        """SIGKILL the server process: new connections are refused; its state is lost."""
         if self._proc is None:
             return
         self._proc.kill()
