@@ -44,14 +44,21 @@ def commit_shard(
 ) -> None:
     """Write a shard's files, commit marker (masks) last. Rows are sorted by uri for stable output."""
     metadata = {b"segflow": json.dumps(file_metadata, sort_keys=True).encode()}
-    if metrics_rows is not None:
-        metrics_table = pa.Table.from_pylist(sorted(metrics_rows, key=_by_uri)) if metrics_rows else None
-        if metrics_table is not None:
-            _commit_table(shard_file_url(output, METRICS, shard_id), metrics_table, metadata, storage_options)
+    if metrics_rows:
+        metrics = pa.Table.from_pylist(sorted(metrics_rows, key=_by_uri), schema=metrics_schema())
+        _commit_table(shard_file_url(output, METRICS, shard_id), metrics, metadata, storage_options)
     errors = pa.Table.from_pylist(sorted(error_rows, key=_by_uri), schema=ERRORS_SCHEMA)
     _commit_table(shard_file_url(output, ERRORS, shard_id), errors, metadata, storage_options)
     masks = pa.Table.from_pylist(sorted(mask_rows, key=_by_uri), schema=MASKS_SCHEMA)
     _commit_table(shard_file_url(output, MASKS, shard_id), masks, metadata, storage_options)
+
+
+def metrics_schema() -> pa.Schema:
+    """Per-image evaluation rows: identity columns plus `metrics.metric_schema()`."""
+    from pipeline.metrics import metric_schema
+
+    identity = [pa.field(n, pa.string()) for n in ("uri", "label_uri", "shard_id", "job_fingerprint")]
+    return pa.schema([*identity, *metric_schema()])
 
 
 def table_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:

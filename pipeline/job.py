@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from pipeline.config import CRFParams, SegmentConfig, digest
+from pipeline.errors import InputError
 from pipeline.listing import list_inputs
 from pipeline.sharding import Shard, plan_shards
 from pipeline.state import diff_work, drop_rows, read_existing
@@ -176,19 +177,35 @@ def run_segment(cfg: SegmentConfig, on_plan=None) -> RunSummary:
     return summarise_stage(cfg, plan, run_stage(cfg, plan))
 
 
-def finish_evaluation(cfg: SegmentConfig, plan: Plan | None = None) -> dict:
-    """Aggregate OUTPUT/metrics into summary.json/.parquet and write report.html."""
-    from models.labels import LabelSet
-    from pipeline.metrics import summarise_metrics
-    from pipeline.report import write_report
+def finish_evaluation(cfg: SegmentConfig, plan: Plan) -> dict:
+    """Aggregate OUTPUT/metrics into summary.json/.parquet and write report.html; -> the summary."""
+    import json
 
-    if plan is None:
-        plan = plan_stage(cfg, list_stage(cfg))
+    from models.labels import LabelSet
+    from pipeline.report import write_report
+    from pipeline.storage import commit_file
+    from pipeline.summary import SUMMARY_JSON, summarise_metrics
+
+    from pipeline.reader import open_dataset, read_errors
+
+    if open_dataset(cfg.output, "metrics", cfg.storage_options) is None:
+        errors = read_errors(cfg.output, columns=["reason"], storage_options=cfg.storage_options).column("reason").to_pylist()
+        first = f"; the first reason: {errors[0]}" if errors else ""
+        raise InputError(f"{redact(cfg.output)}: no image could be scored ({len(errors)} error rows in errors/){first}")
     labels = LabelSet.from_dict(plan.labels)
+    pairing = _pairing(cfg, labels)
     summary = summarise_metrics(cfg.output, cfg.storage_options, labels)
     summary["unpaired_labels"] = plan.unpaired_labels
-    summary["report"] = write_report(cfg.output, summary, labels=labels, storage_options=cfg.storage_options)
+    summary["report"] = redact(write_report(cfg.output, summary, labels, pairing=pairing, storage_options=cfg.storage_options))
+    commit_file(f"{cfg.output.rstrip('/')}/{SUMMARY_JSON}", json.dumps(summary, indent=1, default=str).encode(), storage_options=cfg.storage_options)
     return summary
+
+
+def _pairing(cfg: SegmentConfig, labels):
+    """The evaluation options with the void value filled in from the label set (CamVid: 11)."""
+    from pipeline.groundtruth import with_label_set_defaults
+
+    return with_label_set_defaults(cfg.evaluation, labels) if cfg.evaluation is not None else None
 
 
 def _resolve_crf(cfg: SegmentConfig, model_meta: dict) -> CRFParams | None:
@@ -221,13 +238,14 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         device=cluster.device, threads=cluster.model_threads, batch_size=cfg.batch_size, decode_threads=cluster.decode_threads,
         autocast=autocast, channels_last=cfg.channels_last, compile=cfg.compile, max_pixels=cfg.max_pixels,
     )
+    pairing = _pairing(cfg, labels)
     context = RefineContext(
         refiner=DenseCRFRefiner(plan.crf) if plan.crf is not None else None,
         num_classes=labels.num_classes,
         flat_palette=tuple(labels.flat_palette()),
         fingerprints=fingerprints,
-        evaluation=cfg.evaluation,
-        ignore_index=cfg.evaluation.ignore_index if cfg.evaluation and cfg.evaluation.ignore_index is not None else labels.ignore_index,
+        evaluation=pairing,
+        ignore_index=pairing.ignore_index if pairing is not None else labels.ignore_index,
         storage_options=cfg.storage_options,
     )
     metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(plan.crf) if plan.crf else None}

@@ -145,5 +145,6 @@ def _metrics_row(item: dict, ctx: RefineContext, base: dict, raw: np.ndarray, re
         ignore_index=ctx.ignore_index,
         tolerance=ctx.evaluation.boundary_tolerance,
         trimap_width=ctx.evaluation.trimap_width,
+        uri=label_uri,
     )
     return {"uri": base["uri"], "label_uri": label_uri, "shard_id": base["shard_id"], "job_fingerprint": base.get("job_fingerprint"), **metrics}

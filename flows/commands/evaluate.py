@@ -1,0 +1,84 @@
+"""`segflow evaluate IMAGES LABELS OUTPUT`: segment a labelled collection and score it, raw vs CRF."""
+
+from __future__ import annotations
+
+import json
+
+from flows.cli import UsageError
+from flows.commands.options import add_engine_args, config_from_args
+from pipeline.config import LabelPairing
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="segment IMAGES, compare with LABELS, write per-image metrics, summary and report.html",
+        description="Images and labels pair by file stem (after removing --image-suffix/--label-suffix). "
+        "IMAGES/LABELS/OUTPUT may also come from --config (keys images, labels, output).",
+    )
+    p.add_argument("images", metavar="IMAGES", nargs="?")
+    p.add_argument("labels_location", metavar="LABELS", nargs="?")
+    p.add_argument("output", metavar="OUTPUT", nargs="?")
+    g = p.add_argument_group("ground truth")
+    g.add_argument("--image-suffix", default="", help="stem suffix of images to strip before pairing (Cityscapes: _leftImg8bit)")
+    g.add_argument("--label-suffix", default="", help="stem suffix of labels (Cityscapes: _gtFine_labelIds)")
+    g.add_argument("--label-format", choices=("index", "palette", "rgb"), default="index", help="class-index PNG, palette PNG (VOC) or colour-coded RGB")
+    g.add_argument("--colors", help='JSON colour table for --label-format rgb: {"128,64,128": 3, ...}')
+    g.add_argument("--remap", help='JSON map of label values to classes, e.g. Cityscapes labelIds->trainIds {"7": 0, "8": 1}; unmapped -> ignore')
+    g.add_argument("--ignore-index", type=int, help="void label value (default: the label set's, CamVid 11, else 255)")
+    g.add_argument("--boundary-tolerance", type=int, default=2, help="boundary F-score tolerance in pixels")
+    g.add_argument("--trimap-width", type=int, default=8, help="band around label boundaries for trimap mIoU, pixels")
+    add_engine_args(p)
+    p.set_defaults(run=run, labels=None)
+
+
+def pairing_from_args(args) -> LabelPairing:
+    return LabelPairing(
+        labels=args.labels_location,
+        image_suffix=args.image_suffix,
+        label_suffix=args.label_suffix,
+        format=args.label_format,
+        colors=_colour_table(args.colors),
+        remap=tuple((int(k), int(v)) for k, v in _json_object("--remap", args.remap).items()),
+        ignore_index=args.ignore_index,
+        boundary_tolerance=args.boundary_tolerance,
+        trimap_width=args.trimap_width,
+    )
+
+
+def run(args) -> int:
+    from flows.runner import run_evaluate_job
+
+    if args.labels and not args.labels_location:
+        args.labels_location = args.labels  # from a config file's "labels" key
+    missing = [n for n, v in (("IMAGES", args.images), ("LABELS", args.labels_location), ("OUTPUT", args.output)) if not v]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}: give IMAGES LABELS OUTPUT, or a --config with images, labels, output")
+    cfg = config_from_args(args, args.images, args.output, evaluation=pairing_from_args(args))
+    run_evaluate_job(cfg)
+    return 0
+
+
+def _json_object(flag: str, text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} must be a JSON object ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object")
+    return value
+
+
+def _colour_table(text: str | None) -> tuple:
+    table = []
+    for colour, cls in _json_object("--colors", text).items():
+        try:
+            rgb = tuple(int(v) for v in colour.split(","))
+        except ValueError:
+            rgb = ()
+        if len(rgb) != 3:
+            raise UsageError(f"--colors: key {colour!r} is not 'r,g,b'")
+        table.append((rgb, int(cls)))
+    return tuple(table)
