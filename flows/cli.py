@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train")
+COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule")
 
 
 class UsageError(ValueError):

@@ -1,0 +1,52 @@
+"""`reprocess_flow`: bring an existing OUTPUT up to date with INPUT; the flow that runs nightly.
+
+It runs the same stages as `segment_flow`; the engine's plan decides what is stale:
+images added or changed since the last run, images whose masks were made with another
+model or CRF fingerprint, and (with `prune`) rows of images deleted from INPUT. What
+this flow adds is the scheduled-job surface: a `dry_run` that only publishes the plan,
+and defaults suited to unattended runs (no progress bars, wait for a run still writing
+OUTPUT instead of failing). `flows/deploy.py` puts it on a cron schedule.
+"""
+
+from prefect import flow
+
+from flows.parameters import Execution, run_name, segment_config
+from flows.stages import run_job
+from pipeline.config import CRFParams, ModelRef
+from pipeline.job import RunSummary
+
+
+@flow(name="segflow-reprocess", flow_run_name=run_name("reprocess"), validate_parameters=True)
+def reprocess_flow(
+    input: str,
+    output: str,
+    model: ModelRef = ModelRef(),
+    crf: CRFParams | None = CRFParams(),
+    crf_from_model: bool = True,
+    ray_address: str | None = None,
+    execution: Execution = Execution(),
+    prune: bool = False,
+    retry_errors: bool = False,
+    content_hash: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    storage_secret: str | None = None,
+    wait_for_output_seconds: float | None = None,
+) -> RunSummary | None:
+    """Process what changed under `input` since `output` was last written.
+
+    Args:
+        input, output, model, crf, crf_from_model, ray_address, execution, prune,
+        retry_errors, content_hash, force, storage_secret, wait_for_output_seconds:
+            as for segflow-segment. Changing `model` or `crf` here reprocesses every
+            image whose masks carry the old fingerprint.
+        dry_run: list and plan only; publish what would be processed, write nothing.
+
+    Returns the run summary, or None for a dry run.
+    """
+    cfg = segment_config(
+        input, output, model=model, crf=crf, crf_from_model=crf_from_model, ray_address=ray_address,
+        execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
+        storage_secret=storage_secret,
+    )
+    return run_job(cfg, "reprocess", wait_for_output_seconds, dry_run=dry_run).summary
