@@ -43,13 +43,18 @@ class Plan:
         return sum(len(s) for s in self.shards)
 
     def describe(self) -> str:
+        # deletions are reported even when there is nothing to do: only the user can decide to prune
+        deleted = ""
+        if self.deleted:
+            pruning = self.drop_uris & set(self.deleted)
+            deleted = f"{len(self.deleted)} deleted from the source" + (" (pruning)" if pruning else " (kept; --prune removes them)")
         if not self.shards and not self.drop_uris:
-            return f"nothing to do: all {self.images_total} images are up to date"
+            return f"nothing to do: all {self.images_total} images are up to date" + (f"; {deleted}" if deleted else "")
         parts = [f"{self.to_process} of {self.images_total} images to process in {len(self.shards)} shards"]
         if self.up_to_date:
             parts.append(f"{self.up_to_date} up to date")
-        if self.deleted:
-            parts.append(f"{len(self.deleted)} deleted from the source" + (" (pruning)" if self.drop_uris & set(self.deleted) else " (kept; --prune removes them)"))
+        if deleted:
+            parts.append(deleted)
         return ", ".join(parts)
 
 
@@ -224,6 +229,7 @@ def _execute(cfg: SegmentConfig, plan: Plan):
     from pipeline.inference import InferenceOptions
     from pipeline.progress import ProgressBar
     from pipeline.refine import DenseCRFRefiner, RefineContext
+    from pipeline.storage import storage_environment
 
     connect(cfg.ray_address)
     cluster = plan_cluster(cfg.device, cfg.model_actors, cfg.crf_workers)
@@ -239,6 +245,8 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         autocast=autocast, channels_last=cfg.channels_last, compile=cfg.compile, max_pixels=cfg.max_pixels,
     )
     pairing = _pairing(cfg, labels)
+    # Workers of a cluster that was already running do not have the driver's environment.
+    storage_env = storage_environment()
     context = RefineContext(
         refiner=DenseCRFRefiner(plan.crf) if plan.crf is not None else None,
         num_classes=labels.num_classes,
@@ -247,11 +255,13 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         evaluation=pairing,
         ignore_index=pairing.ignore_index if pairing is not None else labels.ignore_index,
         storage_options=cfg.storage_options,
+        storage_env=storage_env,
     )
     metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(plan.crf) if plan.crf else None}
     executor = ShardExecutor(
         cfg.model, options, cluster, context, cfg.output, metadata,
         max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, storage_options=cfg.storage_options,
+        storage_env=storage_env,
     )
     with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:
         return executor.run(plan.shards, on_progress=bar.update)
