@@ -1,0 +1,149 @@
+"""The model registry, FCN shapes, checkpoints, and the bundled model's stated accuracy."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from models.fcn import BACKBONES, VARIANTS, build_fcn
+from models.labels import CAMVID, VOC, label_set
+from models.registry import (
+    BUNDLED_CHECKPOINT,
+    FCN_MODELS,
+    TORCHVISION_MODELS,
+    ModelUnavailableError,
+    describe_model,
+    load_model,
+)
+
+ODD = (333, 517)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS + FCN_MODELS)
+def test_registry_entry_builds_and_keeps_odd_input_size(name):
+    loaded = load_model(name, weights="none", num_classes=5)
+    x = torch.randn(1, 3, *ODD)
+    with torch.no_grad():
+        full = loaded.net(x)
+        low = loaded.net.lowres_logits(x)
+    assert full.shape == (1, 5, *ODD)
+    assert low.shape[:2] == (1, 5) and low.shape[2] <= ODD[0] and low.shape[3] <= ODD[1]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("size", [(360, 480), (97, 131), (1, 1), (64, 65)])
+def test_fcn_output_size_equals_input_size(variant, size):
+    net = build_fcn(variant, "resnet18", 11).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, *size)).shape == (2, 11, *size)
+
+
+def test_fcn_strides_fuse_finer_skips():
+    x = torch.randn(1, 3, 256, 320)
+    strides = {}
+    for variant in VARIANTS:
+        with torch.no_grad():
+            low = build_fcn(variant, "resnet18", 3).eval().lowres_logits(x)
+        strides[variant] = 256 // low.shape[-2]
+    assert strides == {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
+
+
+def test_checkpoint_round_trips_weights_and_metadata(tmp_path):
+    torch.manual_seed(1)
+    net = build_fcn("fcn8s", "mobilenet_v3_large", CAMVID.num_classes).eval()
+    meta = {
+        "architecture": {"family": "fcn", "variant": "fcn8s", "backbone": "mobilenet_v3_large"},
+        "labels": CAMVID.to_dict(),
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "training": {"data": "unit test", "command": "none"},
+        "metrics": {"val_miou": 0.123},
+    }
+    path = tmp_path / "m.safetensors"
+    sha = save_checkpoint(str(path), net.state_dict(), meta)
+    loaded = load_model(checkpoint=str(path))
+    assert loaded.labels == CAMVID and loaded.mean == (0.5, 0.5, 0.5) and loaded.meta["metrics"]["val_miou"] == 0.123
+    assert loaded.fingerprint == sha[:16] == describe_model(checkpoint=str(path)).fingerprint
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded.net(x))
+
+
+def test_half_precision_checkpoint_is_half_the_size_and_loads_as_float32(tmp_path):
+    net = build_fcn("fcn8s", "resnet18", 11)
+    meta = {"architecture": {"family": "fcn", "variant": "fcn8s", "backbone": "resnet18"}, "labels": CAMVID.to_dict()}
+    save_checkpoint(str(tmp_path / "f32.safetensors"), net.state_dict(), meta)
+    save_checkpoint(str(tmp_path / "f16.safetensors"), net.state_dict(), meta, float_dtype=torch.float16)
+    assert (tmp_path / "f16.safetensors").stat().st_size < 0.55 * (tmp_path / "f32.safetensors").stat().st_size
+    loaded = load_model(checkpoint=str(tmp_path / "f16.safetensors"))
+    assert next(loaded.net.parameters()).dtype == torch.float32
+
+
+class _Payload:
+    """Unpickling this would call print(): stands in for any code a malicious file carries."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {}, "meta": {}, "payload": _Payload()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(str(path))
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_plain_torch_checkpoint_without_code_loads(tmp_path):
+    net = build_fcn("fcn32s", "resnet18", 3)
+    meta = {"architecture": {"family": "fcn", "variant": "fcn32s", "backbone": "resnet18"}, "labels": label_set("voc").to_dict() | {"classes": ["a", "b", "c"], "palette": [[1, 2, 3]] * 3}}
+    torch.save({"state_dict": net.state_dict(), "meta": meta}, tmp_path / "ok.pt")
+    assert load_model(checkpoint=str(tmp_path / "ok.pt")).labels.classes == ("a", "b", "c")
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(str(tmp_path / "nope.safetensors"))
+
+
+def test_offline_torchvision_weights_give_one_line_error_with_alternatives(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there: the download fails at once
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(ModelUnavailableError) as info:
+        load_model("lraspp_mobilenet_v3_large", weights="DEFAULT")
+    message = str(info.value)
+    assert "\n" not in message and "--checkpoint" in message and "--weights none" in message
+
+
+def test_unknown_weights_name_lists_the_choices():
+    with pytest.raises(ModelUnavailableError, match="COCO_WITH_VOC_LABELS_V1"):
+        load_model("fcn_resnet50", weights="IMAGENET_NOPE")
+
+
+def test_label_sets_have_a_colour_per_class():
+    assert VOC.num_classes == 21 and VOC.palette[15] == (192, 128, 128) and VOC.ignore_index == 255
+    assert CAMVID.num_classes == 11 and CAMVID.ignore_index == 11
+    assert len(CAMVID.flat_palette()) == 768
+
+
+def test_bundled_model_reaches_its_model_card_miou_on_camvid_val(camvid):
+    import numpy as np
+
+    from models.data import load_folder_pair
+    from models.train import evaluate
+    from pipeline.metrics import mean_iou
+
+    if not BUNDLED_CHECKPOINT.exists():
+        pytest.skip("the bundled model has not been trained into this checkout yet")
+    loaded = load_model()
+    stated = loaded.meta["metrics"]["val_miou"]
+    torch.set_num_threads(2)
+    confusion = evaluate(loaded.net, load_folder_pair(camvid / "val", camvid / "valannot"), CAMVID.num_classes, CAMVID.ignore_index)
+    assert abs(mean_iou(confusion) - stated) <= 0.005, json.dumps({"measured": mean_iou(confusion), "stated": stated})
+    assert np.isfinite(stated) and stated >= 0.5
