@@ -1,25 +1,23 @@
-"""How the CLI runs a job: plan, say what will happen, run, print the summary."""
+"""How the CLI runs a job: through the Prefect flow (ephemeral API by default), then a summary."""
 
 from __future__ import annotations
-
-import sys
 
 from pipeline import job
 from pipeline.config import SegmentConfig
 
 
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
-    summary = job.run_segment(cfg, on_plan=_announce)
+    from flows.segment import run_segment_flow
+
+    summary = run_segment_flow(cfg)
     print_summary(summary)
     return summary
 
 
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
-    manifest = job.list_stage(cfg)
-    plan = job.plan_stage(cfg, manifest)
-    _announce(plan)
-    summary = job.summarise_stage(cfg, plan, job.run_stage(cfg, plan))
-    evaluation = job.finish_evaluation(cfg, plan)
+    from flows.evaluate import run_evaluate_flow
+
+    summary, evaluation = run_evaluate_flow(cfg)
     print_summary(summary)
     print_evaluation(evaluation)
     return summary, evaluation
@@ -30,15 +28,11 @@ def print_summary(summary: job.RunSummary) -> None:
 
 
 def print_evaluation(evaluation: dict) -> None:
-    raw, crf = evaluation.get("raw", {}), evaluation.get("crf") or {}
+    raw, crf = evaluation.get("raw") or {}, evaluation.get("crf") or {}
     line = f"segflow: mIoU raw {_pct(raw.get('miou'))}"
     if crf:
         line += f", CRF {_pct(crf.get('miou'))} ({_signed(crf.get('miou'), raw.get('miou'))})"
     print(f"{line}; report: {evaluation.get('report')}")
-
-
-def _announce(plan: job.Plan) -> None:
-    print(f"segflow: {plan.describe()}", file=sys.stderr)
 
 
 def _pct(v) -> str:

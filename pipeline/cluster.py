@@ -52,6 +52,8 @@ def connect(address: str | None) -> None:
             f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: segflow keeps Ray's token authentication on; "
             "unset RAY_AUTH_MODE (or set it to token) and give remote clusters their token via RAY_AUTH_TOKEN"
         )
+    # Ray announces token auth on every start and suggests disabling it; segflow wants it on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     kwargs = {"logging_level": logging.WARNING, "include_dashboard": False}
     try:
         if address is None:
