@@ -139,16 +139,18 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
 
 
 def run_stage(cfg: SegmentConfig, plan: Plan):
-    """Remove superseded rows, then run the planned shards on Ray. Starts no Ray when idle."""
+    """Remove superseded rows and interrupted leftovers, then run the planned shards on Ray.
+
+    A plan with nothing to do returns at once: no Ray, no reading of OUTPUT.
+    """
     from pipeline.engine import ExecutionStats
 
-    existing = read_existing(cfg.output, cfg.storage_options)
-    pruned = drop_rows(cfg.output, existing, plan.drop_uris, {s.shard_id for s in plan.shards}, cfg.storage_options)
-    if not plan.shards:
-        stats = ExecutionStats()
-    else:
-        stats = _execute(cfg, plan)
-    stats.pruned = pruned if cfg.prune else 0
+    if not plan.shards and not plan.drop_uris:
+        return ExecutionStats()
+    existing = read_existing(cfg.output, cfg.storage_options, remove_leftovers=True)
+    drop_rows(cfg.output, existing, plan.drop_uris, {s.shard_id for s in plan.shards}, cfg.storage_options)
+    stats = _execute(cfg, plan) if plan.shards else ExecutionStats()
+    stats.pruned = len(plan.deleted) if cfg.prune else 0
     return stats
 
 

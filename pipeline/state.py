@@ -41,15 +41,21 @@ class ExistingOutputs:
         return {sid for (dataset, sid) in self.files if dataset == MASKS}
 
 
-def read_existing(output: str, storage_options: dict | None = None) -> ExistingOutputs:
-    """Read the state columns of every committed shard under OUTPUT; remove interrupted leftovers."""
+def read_existing(output: str, storage_options: dict | None = None, remove_leftovers: bool = False) -> ExistingOutputs:
+    """Read the state columns of every committed shard under OUTPUT.
+
+    Files of interrupted commits (a shard's errors/metrics without its masks marker) and
+    staging files are ignored, and deleted when `remove_leftovers` (the run stage does;
+    planning stays free of side effects).
+    """
     fs, _ = filesystem_for(output, storage_options)
     files: dict[tuple[str, str], str] = {}
     for dataset in DATASETS:
         _, directory = filesystem_for(dataset_url(output, dataset), storage_options)
         if not with_retries(fs.exists, directory, what=dataset_url(output, dataset)):
             continue
-        clean_staging((fs, directory))
+        if remove_leftovers:
+            clean_staging((fs, directory))
         for path in with_retries(fs.ls, directory, detail=False, what=dataset_url(output, dataset)):
             match = _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
             if match:
@@ -57,7 +63,8 @@ def read_existing(output: str, storage_options: dict | None = None) -> ExistingO
     committed = {sid for (dataset, sid) in files if dataset == MASKS}
     for (dataset, sid), path in list(files.items()):
         if sid not in committed:  # interrupted between its first file and its commit marker
-            with_retries(fs.rm, path, what=path)
+            if remove_leftovers:
+                with_retries(fs.rm, path, what=path)
             del files[(dataset, sid)]
     tables = []
     for dataset in (MASKS, ERRORS):
