@@ -73,7 +73,9 @@ class ShardExecutor:
         max_in_flight: int | None = None,
         max_attempts: int = 3,
         storage_options: dict | None = None,
+        storage_env: dict | None = None,
     ):
+        """`storage_env`: the driver's `storage.storage_environment()`, for the model actors."""
         import ray
 
         self._ray = ray
@@ -84,7 +86,7 @@ class ShardExecutor:
             max_task_retries=0,  # segflow retries whole shards itself
             scheduling_strategy="SPREAD",
         )
-        self.actors = [actor_class.remote(model, inference, storage_options) for _ in range(cluster.model_actors)]
+        self.actors = [actor_class.remote(model, inference, storage_options, storage_env) for _ in range(cluster.model_actors)]
         self.refine = ray.remote(refine_item).options(num_cpus=cluster.crf_num_cpus, max_retries=3)
         # start CRF worker processes (and their torch import) while the model actors load
         warm = ray.remote(warm_up).options(num_cpus=cluster.crf_num_cpus)

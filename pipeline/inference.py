@@ -23,7 +23,7 @@ from pipeline.config import ModelRef
 from pipeline.decode import decode_image
 from pipeline.errors import ImageError
 from pipeline.sharding import Shard
-from pipeline.storage import read_bytes
+from pipeline.storage import read_bytes, use_storage_environment
 
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -42,11 +42,16 @@ class InferenceOptions:
 class ModelWorker:
     """Holds one network; `infer_shard` is a Ray streaming generator (one item per image)."""
 
-    def __init__(self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None):
+    def __init__(
+        self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None,
+        storage_env: dict | None = None,
+    ):
+        """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read."""
         import torch
 
         from models.registry import load_model
 
+        use_storage_environment(storage_env)
         self.options = options
         self.storage_options = storage_options or {}
         if options.device == "cpu":

@@ -11,7 +11,7 @@ full-resolution logits, with `crf=None` or a further CPU refiner on top.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -59,7 +59,8 @@ class RefineContext:
     fingerprints: dict
     evaluation: LabelPairing | None = None
     ignore_index: int | None = None
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)
+    storage_env: dict | None = field(default=None, repr=False)  # the driver's storage_environment()
 
 
 def probabilities_from_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -85,6 +86,10 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     base = {"uri": item["uri"], "key": item["key"], "shard_id": shard_id, "node_id": item.get("node_id"), **ctx.fingerprints}
     if "failure" in item:
         return {"error": {**base, **item["failure"], "attempts": 1}}
+    if ctx.evaluation is not None:  # labels are read here
+        from pipeline.storage import use_storage_environment
+
+        use_storage_environment(ctx.storage_env)
     torch.set_num_threads(1)  # one CRF task per core: intra-op threads would oversubscribe
     try:
         return _refine(item, ctx, base)

@@ -42,6 +42,10 @@ MAX_DELAY_S = 10.0  # cap on one backoff sleep, however many attempts are allowe
 # writers of the same name apart, and the exact shape lets clean_staging delete only ours.
 _STAGING_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 _STAGING_NAME_MAX = 100  # keeps `.<name>.<uuid>.tmp` under the usual 255-byte NAME_MAX
+# Variables through which the stores' client libraries find endpoints and credentials:
+# botocore (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID, ...), adlfs and azure-identity
+# (AZURE_STORAGE_*, AZURE_CLIENT_*, AZURE_TENANT_ID), gcsfs and google-auth.
+_STORAGE_ENV = re.compile(r"^(?:AWS_|AZURE_|GCSFS_|GOOGLE_APPLICATION_CREDENTIALS$|GOOGLE_CLOUD_PROJECT$)")
 
 
 def filesystem_for(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -71,6 +75,37 @@ def filesystem_for(url: str, storage_options: dict | None = None) -> tuple[fsspe
             f"{redact(url)}: {redact(str(e))}; use a local path or a URL fsspec knows "
             "(file://, s3://, gs://, az://, memory://)"
         ) from None
+
+
+def storage_environment() -> dict[str, str]:
+    """This process's storage settings from the environment, for the job's Ray workers.
+
+    A Ray worker inherits the environment of the node process that spawned it, not the
+    driver's: on a cluster started before the driver's `export AWS_...` (`ray start`, a
+    `--ray-address` cluster, another machine) workers would not see the endpoint, profile
+    or credentials the driver listed the inputs with, and every read would fail there.
+    The engine hands this dict to its actors and tasks as an argument, through Ray's object
+    store, and `use_storage_environment` applies it. It never goes into `runtime_env`
+    env_vars: Ray writes runtime envs to its logs (runtime_env_agent.log, "Creating runtime
+    env: ...") and shows them in its dashboard.
+    """
+    return {k: v for k, v in os.environ.items() if _STORAGE_ENV.match(k)}
+
+
+def use_storage_environment(env: dict[str, str] | None) -> None:
+    """In a Ray worker: adopt the driver's storage settings (see `storage_environment`).
+
+    The driver's values win, so every process of a job reads and writes as the same
+    identity; variables the driver does not set keep the worker's values (a node's own
+    role or web identity). When anything changes, cached filesystem instances are dropped:
+    fsspec caches them by their options, not by the environment.
+    """
+    changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+    if not changed:
+        return
+    os.environ.update(changed)
+    for implementation in list(fsspec.registry.values()):  # the imported ones
+        implementation.clear_instance_cache()
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
