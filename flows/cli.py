@@ -11,10 +11,12 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import ConfigError
+
 COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule")
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """A bad flag value or missing input; printed as one line."""
 
 
@@ -36,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            from flows.commands.options import apply_config_file
+
+            subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
+            apply_config_file(subparser, args.config)
+            args = parser.parse_args(argv)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("segflow: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)

@@ -112,3 +112,12 @@ def test_bad_flag_is_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--shard-size" in result.stderr
+
+
+def test_config_file_values_become_option_defaults(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text("shard_size = 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--config", str(config)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--shard-size must be >= 1, got 0" in result.stderr

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from flows.cli import UsageError
-from flows.commands.options import add_engine_args, config_from_args
+from flows.commands.options import add_engine_args, config_from_args, json_object
 from pipeline.config import LabelPairing
 
 
@@ -39,7 +37,7 @@ def pairing_from_args(args) -> LabelPairing:
         label_suffix=args.label_suffix,
         format=args.label_format,
         colors=_colour_table(args.colors),
-        remap=tuple((int(k), int(v)) for k, v in _json_object("--remap", args.remap).items()),
+        remap=tuple((int(k), int(v)) for k, v in json_object("--remap", args.remap).items()),
         ignore_index=args.ignore_index,
         boundary_tolerance=args.boundary_tolerance,
         trimap_width=args.trimap_width,
@@ -59,21 +57,9 @@ def run(args) -> int:
     return 0
 
 
-def _json_object(flag: str, text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{flag} must be a JSON object ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag} must be a JSON object")
-    return value
-
-
 def _colour_table(text: str | None) -> tuple:
     table = []
-    for colour, cls in _json_object("--colors", text).items():
+    for colour, cls in json_object("--colors", text).items():
         try:
             rgb = tuple(int(v) for v in colour.split(","))
         except ValueError:

@@ -59,12 +59,8 @@ def add_engine_args(p) -> None:
     s.add_argument("--storage-options", help="JSON of fsspec options (e.g. endpoint, profile); prefer env vars for secrets")
 
 
-def apply_config_file(parser, argv: list[str] | None) -> None:
-    """If --config is given, its values become the parser's defaults (flags still win)."""
-    args, _ = parser.parse_known_args(argv)
-    path = getattr(args, "config", None)
-    if not path:
-        return
+def apply_config_file(parser, path: str) -> None:
+    """Make a TOML/JSON file's values the parser's defaults; flags on the command line still win."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -108,17 +104,18 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
         compile=args.compile,
         evaluation=evaluation,
         progress=not args.no_progress and sys.stderr.isatty(),
-        storage_options=_storage_options(args.storage_options),
+        storage_options=json_object("--storage-options", args.storage_options),
     )
 
 
-def _storage_options(text: str | None) -> dict:
+def json_object(flag: str, text: str | None) -> dict:
+    """Parse a flag's JSON-object value ({} when absent); a bad one is a one-line UsageError."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--storage-options must be a JSON object ({exc.msg})") from None
+        raise UsageError(f"{flag} must be a JSON object ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise UsageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"key\": 1}}'")
     return value
