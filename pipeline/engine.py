@@ -22,6 +22,7 @@ from typing import Callable
 from pipeline.cluster import ClusterPlan
 from pipeline.commit import commit_shard
 from pipeline.config import ModelRef
+from pipeline.errors import StorageError
 from pipeline.inference import InferenceOptions, ModelWorker
 from pipeline.refine import RefineContext, refine_item, warm_up
 from pipeline.sharding import Shard
@@ -103,6 +104,9 @@ class ShardExecutor:
         """Process every shard; each ends committed, with masks and/or error rows for all its images.
 
         `on_progress(n)` is called as images finish (a retried shard's images count again).
+        Raises StorageError when a shard's last attempt failed because storage did (an
+        outage, missing credentials): such a failure says nothing about its images, so they
+        get no error rows; committed shards stay, and a rerun resumes.
         """
         stats = ExecutionStats(stage_seconds={c: 0.0 for c in _STAGE_COLUMNS})
         self._on_progress = on_progress or (lambda n: None)
@@ -193,6 +197,11 @@ class ShardExecutor:
             stats.shard_retries += 1
             waiting.appendleft((o.shard, o.attempt + 1))
             return
+        outage = _storage_failure(exc)
+        if outage is not None:
+            # The store failed, not the images: error rows would mark them done, and a rerun
+            # after the outage would skip them. Stop; committed shards stay, a rerun resumes.
+            raise StorageError(" ".join(str(outage).split())) from None
         log.error("shard %s failed %d times; recording its images as errors", o.shard.shard_id, o.attempt)
         o.masks, o.metrics = [], []
         o.errors = [
@@ -218,3 +227,9 @@ class ShardExecutor:
         stats.masks += len(o.masks)
         stats.errors += len(o.errors)
         stats.shards_committed += 1
+
+
+def _storage_failure(exc: BaseException) -> StorageError | None:
+    """The StorageError behind a failed shard (Ray wraps a worker's in RayTaskError), or None."""
+    cause = getattr(exc, "cause", exc)  # a ray.exceptions.RayTaskError holds the worker's exception
+    return cause if isinstance(cause, StorageError) else None

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import ModelRef
 from pipeline.decode import decode_image
-from pipeline.errors import ImageError
+from pipeline.errors import ImageError, StorageError
 from pipeline.sharding import Shard
 from pipeline.storage import read_bytes, use_storage_environment
 
@@ -85,7 +85,12 @@ class ModelWorker:
             futures = [pool.submit(self._read_and_decode, *member) for member in zip(shard.uris, shard.keys, shard.label_uris)]
             pending: list[dict] = []
             for i, future in enumerate(futures):
-                item = future.result()
+                try:
+                    item = future.result()
+                except StorageError:
+                    for later in futures[i + 1 :]:
+                        later.cancel()  # the store is failing: do not sit out every image's retries
+                    raise
                 if "failure" in item:
                     yield item
                     continue
@@ -109,6 +114,8 @@ class ModelWorker:
             return {**base, "rgb": rgb, "seconds_read": t1 - t0, "seconds_decode": time.perf_counter() - t1}
         except ImageError as exc:
             return {**base, "failure": {"stage": exc.stage, "reason": exc.reason}}
+        except StorageError:
+            raise  # an outage says nothing about this image: the shard fails and is retried whole
         except Exception as exc:  # never lose an image: anything unexpected becomes its error row
             return {**base, "failure": {"stage": "read", "reason": f"{type(exc).__name__}: {exc}"}}
 

@@ -94,8 +94,10 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     try:
         return _refine(item, ctx, base)
     except Exception as exc:
-        from pipeline.errors import ImageError
+        from pipeline.errors import ImageError, StorageError
 
+        if isinstance(exc, StorageError):
+            raise  # an outage says nothing about this image: the shard fails and is retried whole
         stage = exc.stage if isinstance(exc, ImageError) else "refine"
         reason = exc.reason if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
         return {"error": {**base, "stage": stage, "reason": reason, "attempts": 1}}

@@ -184,6 +184,11 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     except Exception as e:
         if _is_botocore_param_error(e):  # e.g. an invalid bucket name in a manifest entry
             raise ImageReadError(redact(uri), f"cannot read: {redact(_describe(e))}") from None
+        if _is_missing_credentials(e):  # about the store, not the image: not an error row
+            raise StorageError(
+                f"{redact(uri)}: no credentials for this location ({type(e).__name__}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass storage_options"
+            ) from None
         raise
 
 
@@ -371,3 +376,7 @@ def _describe(e: BaseException) -> str:
 
 def _is_botocore_param_error(e: BaseException) -> bool:
     return type(e).__name__ == "ParamValidationError" and type(e).__module__.startswith("botocore")
+
+
+def _is_missing_credentials(e: BaseException) -> bool:
+    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError") and type(e).__module__.startswith("botocore")
