@@ -13,6 +13,7 @@ that fails `max_attempts` times becomes error rows, and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -124,6 +125,17 @@ class ShardExecutor:
                     stats.seconds_to_first_commit = time.perf_counter() - start
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def shutdown(self) -> None:
+        """Kill this run's model actors now, whatever the run's outcome.
+
+        A failed run's exception keeps this executor, and so its actor handles, referenced
+        (its traceback, a flow's retry state): until killed, the actors would keep their
+        CPUs and GPUs, and a retry in the same process would wait for them forever.
+        """
+        for actor in self.actors:
+            with contextlib.suppress(Exception):  # already dead
+                self._ray.kill(actor, no_restart=True)
 
     def actor_pids(self) -> list[int]:
         return self._ray.get([a.pid.remote() for a in self.actors])

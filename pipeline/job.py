@@ -265,5 +265,8 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, storage_options=cfg.storage_options,
         storage_env=storage_env,
     )
-    with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:
-        return executor.run(plan.shards, on_progress=bar.update)
+    try:
+        with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:
+            return executor.run(plan.shards, on_progress=bar.update)
+    finally:
+        executor.shutdown()
