@@ -27,6 +27,7 @@ from pipeline.storage import filesystem_for
 def open_dataset(output: str, name: str, storage_options: dict | None = None) -> ds.Dataset | None:
     """The Parquet dataset `name` (masks, errors, metrics) under OUTPUT, or None if absent."""
     fs, path = filesystem_for(dataset_url(output, name), storage_options)
+    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
     if not fs.exists(path):
         return None
     return ds.dataset(path, filesystem=fs, format="parquet")

@@ -49,6 +49,7 @@ def read_existing(output: str, storage_options: dict | None = None, remove_lefto
     planning stays free of side effects).
     """
     fs, _ = filesystem_for(output, storage_options)
+    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
     files: dict[tuple[str, str], str] = {}
     for dataset in DATASETS:
         _, directory = filesystem_for(dataset_url(output, dataset), storage_options)

@@ -28,6 +28,7 @@ _SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")
 def verify_output(output: str, input: str | None = None, storage_options: dict | None = None, deep: bool = False) -> list[str]:
     """Return human-readable violations (empty when OUTPUT is sound)."""
     fs, _ = filesystem_for(output, storage_options)
+    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
     problems: list[str] = []
     files = _shard_files(output, storage_options)
     if not files:
