@@ -108,10 +108,15 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
     )
 
 
-def json_object(flag: str, text: str | None) -> dict:
-    """Parse a flag's JSON-object value ({} when absent); a bad one is a one-line UsageError."""
+def json_object(flag: str, text: str | dict | None) -> dict:
+    """Parse a flag's JSON-object value ({} when absent); a bad one is a one-line UsageError.
+
+    A --config file may give the value as a table (TOML) or object (JSON) instead of a string.
+    """
     if not text:
         return {}
+    if isinstance(text, dict):
+        return text
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
