@@ -9,11 +9,15 @@ third of the CRF's CPU time per image, so with one worker fewer a core would sit
 whenever the model waited for work, and with one thread the model wastes no time on
 intra-op synchronisation. Ray's logical CPUs are divided accordingly (fractional CRF
 slots), and `bench/run.py` measures the result against the ideal.
+
+Where the model actors would hold every CPU (one-CPU nodes, or more actors than cores),
+each holds less than one, so that CRF tasks still fit beside them (`cpu_shares`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -78,9 +82,25 @@ def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None)
     if use_gpu:
         actors = model_actors or gpus
         workers = crf_workers or max(1, int(cpus) - actors)
-        return ClusterPlan("cuda", actors, 1.0, 1.0, 1, 4, workers, max(0.01, (cpus - actors) / workers) if cpus > actors else 1.0, nodes)
+        model_cpus, crf_cpus = cpu_shares(cpus, actors, workers)
+        return ClusterPlan("cuda", actors, model_cpus, 1.0, 1, 4, workers, crf_cpus, nodes)
     actors = model_actors or 1
     workers = crf_workers or max(1, int(cpus))
-    crf_cpus = max(0.01, (cpus - actors) / workers) if cpus > actors else 0.01
+    model_cpus, crf_cpus = cpu_shares(cpus, actors, workers)
     threads = max(1, int(cpus) // (4 * actors)) if cpus >= 8 else 1
-    return ClusterPlan("cpu", actors, 1.0, 0.0, threads, 1, workers, crf_cpus, nodes)
+    return ClusterPlan("cpu", actors, model_cpus, 0.0, threads, 1, workers, crf_cpus, nodes)
+
+
+def cpu_shares(cpus: float, actors: int, workers: int) -> tuple[float, float]:
+    """Logical CPUs (per model actor, per CRF task) on a cluster of `cpus` CPUs.
+
+    With CPUs to spare, a model actor holds one and the CRF tasks share the rest. Otherwise
+    a model actor holds `cpus / (actors + 1)` and the CRF tasks share what remains: a
+    CRF task asking for CPU where none is free would wait forever, and the job with it
+    (two one-CPU nodes and two actors hung exactly so). Shares are rounded down to 1/100
+    so that Ray's fixed-point sums of them never exceed a node.
+    """
+    if cpus > actors:
+        return 1.0, max(0.01, (cpus - actors) / workers)
+    model = max(0.01, math.floor(100 * cpus / (actors + 1)) / 100)
+    return model, max(0.01, math.floor(100 * (cpus - actors * model) / workers) / 100)
