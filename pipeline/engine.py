@@ -89,7 +89,8 @@ class ShardExecutor:
             scheduling_strategy="SPREAD",
         )
         self.actors = [actor_class.remote(model, inference, storage_options, storage_env) for _ in range(cluster.model_actors)]
-        self.refine = ray.remote(refine_item).options(num_cpus=cluster.crf_num_cpus, max_retries=3)
+        self._refine_item = ray.remote(refine_item)
+        self._refine_options = {"num_cpus": cluster.crf_num_cpus, "max_retries": 3}
         # start CRF worker processes (and their torch import) while the model actors load
         warm = ray.remote(warm_up).options(num_cpus=cluster.crf_num_cpus)
         self._warming = [warm.remote() for _ in range(cluster.crf_workers)]
@@ -145,7 +146,10 @@ class ShardExecutor:
         for o in open_shards.values():
             load[o.actor] += 1
         actor = min(range(len(self.actors)), key=load.__getitem__)
-        generator = self.actors[actor].infer_shard.remote(shard)
+        # Tasks are named after their shard: `ps`, `ray list tasks` and the dashboard then show
+        # which shard each model actor and CRF worker is on (a process title reads
+        # "ray::infer_shard shard-<id>").
+        generator = self.actors[actor].infer_shard.options(name=f"infer_shard shard-{shard.shard_id}").remote(shard)
         return _OpenShard(shard=shard, attempt=attempt, actor=actor, generator=generator)
 
     def _wait_and_advance(self, open_shards: dict[str, _OpenShard], waiting: deque, stats: ExecutionStats) -> list[str]:
@@ -184,7 +188,8 @@ class ShardExecutor:
 
     def _advance_generator(self, o: _OpenShard) -> None:
         item_ref = next(o.generator)
-        o.refining.add(self.refine.remote(item_ref, self.context, o.shard.shard_id))
+        refine = self._refine_item.options(name=f"refine_item shard-{o.shard.shard_id}", **self._refine_options)
+        o.refining.add(refine.remote(item_ref, self.context, o.shard.shard_id))
 
     def _collect(self, o: _OpenShard, result: dict, stats: ExecutionStats) -> None:
         self._on_progress(1)
