@@ -8,13 +8,16 @@ its row, the driver commits the shard's Parquet files.
 At most `max_in_flight` shards are open at once, which bounds the decoded images and
 logits in the object store however large the collection. A shard whose actor dies, or
 whose refinement fails unexpectedly, is retried whole (actors restart on their own); one
-that fails `max_attempts` times becomes error rows, and the job goes on.
+that fails `max_attempts` times becomes error rows, and the job goes on. After a failure
+its actor gets no new shard until it answers a readiness probe, so a restarting actor
+cannot burn the attempts of the shards that follow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -89,6 +92,7 @@ class ShardExecutor:
             scheduling_strategy="SPREAD",
         )
         self.actors = [actor_class.remote(model, inference, storage_options, storage_env) for _ in range(cluster.model_actors)]
+        self._probes: list = [None] * len(self.actors)  # per actor: readiness probe in flight after a failure
         self._refine_item = ray.remote(refine_item)
         self._refine_options = {"num_cpus": cluster.crf_num_cpus, "max_retries": 3}
         # start CRF worker processes (and their torch import) while the model actors load
@@ -116,7 +120,7 @@ class ShardExecutor:
         waiting: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
         open_shards: dict[str, _OpenShard] = {}
         while waiting or open_shards:
-            while waiting and len(open_shards) < self.max_in_flight:
+            while waiting and len(open_shards) < self.max_in_flight and self._usable_actors():
                 shard, attempt = waiting.popleft()
                 open_shards[shard.shard_id] = self._open(shard, attempt, open_shards)
             for sid in self._wait_and_advance(open_shards, waiting, stats):
@@ -145,7 +149,7 @@ class ShardExecutor:
         load = [0] * len(self.actors)
         for o in open_shards.values():
             load[o.actor] += 1
-        actor = min(range(len(self.actors)), key=load.__getitem__)
+        actor = min(self._usable_actors(), key=load.__getitem__)
         # Tasks are named after their shard: `ps`, `ray list tasks` and the dashboard then show
         # which shard each model actor and CRF worker is on (a process title reads
         # "ray::infer_shard shard-<id>").
@@ -161,13 +165,20 @@ class ShardExecutor:
                 owner[o.generator] = sid
             for ref in o.refining:
                 owner[ref] = sid
+        probes = {ref: actor for actor, ref in enumerate(self._probes) if ref is not None}
         if not owner:
-            return [sid for sid, o in open_shards.items() if o.generator_done and not o.refining]
-        ready, _ = ray.wait(list(owner), num_returns=1, timeout=10.0)
+            finished = [sid for sid, o in open_shards.items() if o.generator_done and not o.refining]
+            if finished or not probes:
+                return finished
+        refs = [*owner, *probes]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=10.0)
         if ready:
-            ready, _ = ray.wait(list(owner), num_returns=len(owner), timeout=0)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         failed: dict[str, BaseException] = {}
         for ref in ready:
+            if ref not in owner:
+                self._probe_answered(probes[ref])
+                continue
             sid = owner[ref]
             o = open_shards[sid]
             if sid in failed:
@@ -208,7 +219,8 @@ class ShardExecutor:
                 self._ray.cancel(ref)
             except Exception:
                 pass
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self._probe(o.actor)
+        reason = _failure_reason(exc)
         if o.attempt < self.max_attempts:
             log.warning("shard %s attempt %d failed (%s); retrying", o.shard.shard_id, o.attempt, reason)
             stats.shard_retries += 1
@@ -227,6 +239,27 @@ class ShardExecutor:
             for u, k in zip(o.shard.uris, o.shard.keys)
         ]
         self._commit(o, stats)
+
+    def _usable_actors(self) -> list[int]:
+        return [i for i, probe in enumerate(self._probes) if probe is None]
+
+    def _probe(self, actor: int) -> None:
+        """Hold new shards back from `actor` until it answers again.
+
+        A failed shard has often lost its actor. Ray restarts the actor, but calls made before
+        the caller has learnt of the death fail at once (ActorUnavailableError), so a shard
+        sent there straight away would fail without running, burning an attempt of every shard
+        sent in that window. The probe is a call Ray itself retries until the actor is back.
+        """
+        if self._probes[actor] is None:
+            self._probes[actor] = self.actors[actor].pid.options(max_task_retries=-1).remote()
+
+    def _probe_answered(self, actor: int) -> None:
+        try:
+            self._ray.get(self._probes[actor])
+        except Exception as exc:  # dead for good: its shards will fail and end as error rows
+            log.error("model actor %d does not come back (%s)", actor, type(exc).__name__)
+        self._probes[actor] = None
 
     def _fingerprints(self) -> dict:
         return {k: self.file_metadata.get(k) for k in ("job_fingerprint", "model_fingerprint", "crf_fingerprint")}
@@ -250,3 +283,19 @@ def _storage_failure(exc: BaseException) -> StorageError | None:
     """The StorageError behind a failed shard (Ray wraps a worker's in RayTaskError), or None."""
     cause = getattr(exc, "cause", exc)  # a ray.exceptions.RayTaskError holds the worker's exception
     return cause if isinstance(cause, StorageError) else None
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_REASON_MAX = 300
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """`Type: first line` of why a shard attempt failed, for logs and its error rows.
+
+    Ray delivers a dead actor or worker as a RayTaskError of the CRF task that needed its
+    output, whose text is only a coloured task name; the cause inside says what happened
+    ("ActorDiedError: The actor died unexpectedly ...").
+    """
+    cause = getattr(exc, "cause", None) or exc
+    text = _ANSI_ESCAPE.sub("", str(cause)).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:_REASON_MAX]
