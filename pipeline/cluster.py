@@ -64,8 +64,20 @@ def connect(address: str | None) -> None:
             ray.init(num_cpus=os.cpu_count(), **kwargs)
         else:
             ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError:
+        raise ConfigError(f"--ray-address {address}: this process has no token for the cluster; {_TOKEN_FIX}") from None
     except ConnectionError as exc:
-        raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc}); start one with `ray start --head` or omit the flag for a local Ray") from None
+        # A wrong token looks the same as no cluster at all: Ray only says it failed to connect.
+        raise ConfigError(
+            f"--ray-address {address}: cannot connect to a Ray cluster ({exc}); check that one runs there "
+            f"(`ray start --head`, or omit the flag for a local Ray) and that {_TOKEN_FIX}"
+        ) from None
+
+
+_TOKEN_FIX = (
+    "RAY_AUTH_TOKEN (or the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) must hold the "
+    "cluster's token, which `ray get-auth-token` prints on its head node"
+)
 
 
 def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None) -> ClusterPlan:
