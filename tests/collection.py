@@ -66,3 +66,15 @@ def make_collection(root: Path) -> dict:
     bad[root / "x_bomb.png"] = "decode"
     (root / "notes.txt").write_text("not listed: wrong extension\n")
     return {"good": good, "bad": bad}
+
+
+def write_scene(path: Path, seed: int, size_hw: tuple[int, int] = (48, 64)) -> Path:
+    """One plain street-like picture, in the format its suffix names (.bmp keeps a fixed size per shape)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_scene(*size_hw, seed)).save(path)
+    return path
+
+
+def write_scenes(root: Path, count: int, suffix: str = ".png", first_seed: int = 100) -> list[Path]:
+    """`count` plain 48x64 pictures named img_00.png, img_01.png, ... (sorted = shard order)."""
+    return [write_scene(root / f"img_{i:02d}{suffix}", first_seed + i) for i in range(count)]
