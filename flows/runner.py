@@ -6,9 +6,27 @@ from pipeline import job
 from pipeline.config import SegmentConfig
 
 
+def preflight(cfg: SegmentConfig) -> None:
+    """Check what the user named before Prefect and Ray start, so mistakes cost one line.
+
+    INPUT (and LABELS) must exist, and the model must resolve: a registry name, a readable
+    checkpoint, torchvision weights that are cached or downloadable.
+    """
+    from models.registry import describe_model, fetch_weights
+    from pipeline.listing import check_input
+
+    check_input(cfg.input, cfg.storage_options)
+    if cfg.evaluation is not None:
+        check_input(cfg.evaluation.labels, cfg.storage_options)
+    m = cfg.model
+    describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
+    fetch_weights(m.model, m.weights)
+
+
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
     from flows.segment import run_segment_flow
 
+    preflight(cfg)
     summary = run_segment_flow(cfg)
     print_summary(summary)
     return summary
@@ -17,6 +35,7 @@ def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     from flows.evaluate import run_evaluate_flow
 
+    preflight(cfg)
     summary, evaluation = run_evaluate_flow(cfg)
     print_summary(summary)
     print_evaluation(evaluation)

@@ -147,6 +147,26 @@ def load_model(
     return LoadedModel(net, info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
 
 
+def fetch_weights(model: str | None, weights: str | None) -> None:
+    """Bring torchvision weights into the torch hub cache now (a no-op when cached or not asked for).
+
+    Model actors load them again from the cache; fetching first in the driver turns an
+    offline machine's failure into one clear error before any work starts.
+    """
+    if model not in TORCHVISION_MODELS or not weights or weights.lower() == "none":
+        return
+    chosen = _torchvision_weights(model, weights)
+    try:
+        torch.hub.load_state_dict_from_url(chosen.url, progress=False, check_hash=False, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelUnavailableError(
+            f"{model} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
+            f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
+            f"--checkpoint URL, or --weights none for an untrained network"
+        ) from None
+
+
 def _resolve_bundled(model: str | None, checkpoint: str | None) -> str | None:
     if checkpoint is None and model in (None, BUNDLED):
         if not BUNDLED_CHECKPOINT.exists():

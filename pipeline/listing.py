@@ -90,6 +90,13 @@ def list_inputs(input: str, storage_options: dict | None = None, content_hash: b
     return manifest.append_column("key", keys).cast(MANIFEST_SCHEMA)
 
 
+def check_input(input: str, storage_options: dict | None = None) -> None:
+    """Fail fast, before any job machinery starts, when INPUT does not exist or cannot be read."""
+    fs, path = _resolve_input(input, storage_options)
+    if not any(c in path for c in "*?["):
+        _info(fs, path, input)
+
+
 # --- INPUT forms -----------------------------------------------------------------------
 
 

@@ -121,3 +121,14 @@ def test_config_file_values_become_option_defaults(tmp_path):
         [sys.executable, "-m", "flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--config", str(config)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--shard-size must be >= 1, got 0" in result.stderr
+
+
+def test_offline_torchvision_weights_fail_in_one_line_before_any_work(tmp_path):
+    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "segment", "samples/street", str(tmp_path / "out"), "--model", "lraspp_mobilenet_v3_large", "--weights", "DEFAULT"],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--weights none" in result.stderr
+    assert not (tmp_path / "out").exists()
