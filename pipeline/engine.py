@@ -9,9 +9,9 @@ At most `max_in_flight` shards are open at once, which bounds the decoded images
 logits in the object store however large the collection. A shard whose actor dies, or
 whose refinement fails unexpectedly, is retried whole (actors restart on their own); one
 that fails `max_attempts` times becomes error rows, and the job goes on, unless storage
-itself failed: then the job stops (error rows would mark the images done) and a rerun resumes. After a failure
-its actor gets no new shard until it answers a readiness probe, so a restarting actor
-cannot burn the attempts of the shards that follow.
+itself failed: then the job stops (error rows would mark the images done) and a rerun
+resumes. After a failure its actor gets no new shard until it answers a readiness probe,
+so a restarting actor cannot burn the attempts of the shards that follow.
 """
 
 from __future__ import annotations
