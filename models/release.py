@@ -111,7 +111,7 @@ def _crf_miou(pool, samples, params, labels) -> float:
     return _crf_score(pool, samples, params, labels)["miou"]
 
 
-def write_model_card(meta: dict, path: Path, checkpoint: Path) -> None:
+def write_model_card(meta: dict, path: Path, checkpoint: Path, training_note: str = "") -> None:
     """The bundled model's card: command, time, val scores with and without CRF, per class, CRF."""
     m, t = meta["metrics"], meta["training"]
     rows = "\n".join(
@@ -134,7 +134,7 @@ ImageNet mean/std normalisation.
 - Command: `{t['command']}`
 - Epoch selected: {t['epoch']}; training time to that epoch: {t['seconds'] / 60:.0f} min on 2 CPU cores
   (shared with other work during the run; wall-clock per epoch varied).
-- Recipe: AdamW lr 2e-3, weight decay 1e-4, poly decay (power 0.9), batch 8, 176x224 crops of
+{f"- {training_note}" + chr(10) if training_note else ""}- Recipe: AdamW lr 2e-3, weight decay 1e-4, poly decay (power 0.9), batch 8, 176x224 crops of
   images rescaled by 0.5-0.9, horizontal flips, brightness/contrast/saturation jitter +-25%,
   median-frequency class weights, seed {t['config']['seed']}.
 
@@ -174,10 +174,11 @@ def main() -> None:
     p.add_argument("--val-labels", required=True)
     p.add_argument("--card", help="model card path (default: MODEL_CARD.md beside --output)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--training-note", default="", help="a line for the card about how the run went (resumes, schedule changes)")
     args = p.parse_args()
     meta = release(args.checkpoint, args.output, args.val_images, args.val_labels, args.workers)
     card = Path(args.card) if args.card else Path(args.output).parent / "MODEL_CARD.md"
-    write_model_card(meta, card, Path(args.output))
+    write_model_card(meta, card, Path(args.output), args.training_note)
     print(json.dumps({k: meta["metrics"][k] for k in ("val_miou", "val_miou_crf")}))
 
 
