@@ -159,12 +159,17 @@ def fetch_weights(model: str | None, weights: str | None) -> None:
     try:
         torch.hub.load_state_dict_from_url(chosen.url, progress=False, check_hash=False, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelUnavailableError(
-            f"{model} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
-            f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
-            f"--checkpoint URL, or --weights none for an untrained network"
-        ) from None
+        raise _weights_unavailable(model, chosen, exc) from None
+
+
+def _weights_unavailable(model: str, chosen, exc: Exception) -> ModelUnavailableError:
+    """The one-line error for torchvision weights that are neither cached nor downloadable."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ModelUnavailableError(
+        f"{model} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
+        f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
+        f"--checkpoint URL, or --weights none for an untrained network"
+    )
 
 
 def _resolve_bundled(model: str | None, checkpoint: str | None) -> str | None:
@@ -208,12 +213,7 @@ def _from_torchvision_weights(name: str, info: ModelInfo, weights: str) -> Loade
     try:
         net = build_network(info.architecture, info.labels.num_classes, chosen.name)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub failures surface as either
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelUnavailableError(
-            f"{name} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
-            f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
-            f"--checkpoint URL, or --weights none for an untrained network"
-        ) from None
+        raise _weights_unavailable(name, chosen, exc) from None
     return LoadedModel(net.eval(), info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
 
 
