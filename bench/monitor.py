@@ -63,6 +63,9 @@ class Window:
             "tree_cpu_seconds": round(self.tree_cpu, 3),
             "tree_cpu_utilisation": round(self.tree_cpu / cap, 4) if cap else None,
             "machine_cpu_utilisation": round(self.machine_busy / cap, 4) if cap else None,
+            # CPU used by processes outside the tree (another job on a shared machine): the
+            # figures of a run where this is more than a few percent are not trustworthy
+            "foreign_cpu_share": round(max(0.0, self.machine_busy - self.tree_cpu) / cap, 4) if cap else None,
             "cpu_seconds_by_role": {k: round(v, 3) for k, v in sorted(self.cpu_by_role.items())},
         }
 

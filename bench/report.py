@@ -63,6 +63,19 @@ def agreement(output: str, base) -> dict:
     }
 
 
+def mean_alone(before: dict, after: dict) -> dict:
+    """The model and CRF timed alone before the baseline and after the pipeline: their mean, and both."""
+    keys = ("model_cpu_seconds_per_image", "crf_cpu_seconds_per_image")
+    shares = [s for s in (before["foreign_cpu_share"], after["foreign_cpu_share"]) if s is not None]
+    return {
+        "images": before["images"],
+        **{k: round((before[k] + after[k]) / 2, 4) for k in keys},
+        "foreign_cpu_share": max(shares) if shares else None,
+        "before_baseline": before,
+        "after_pipeline": after,
+    }
+
+
 def ratios(pipeline: dict, base, alone: dict) -> dict:
     cores = os.cpu_count()
     per_image = alone["model_cpu_seconds_per_image"] + alone["crf_cpu_seconds_per_image"]
@@ -130,6 +143,25 @@ def machine_load(seconds: float) -> dict:
     return {"machine_cpu_utilisation": round(busy / total, 3) if total else None, "busy_processes": heavy}
 
 
+class ForeignLoad:
+    """Share of the machine's CPU that other processes used while the block ran in this one."""
+
+    def __enter__(self) -> "ForeignLoad":
+        self.share = None
+        self._start = (time.perf_counter(), _busy(), time.process_time())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._start[0]
+        foreign = (_busy() - self._start[1]) - (time.process_time() - self._start[2])
+        self.share = round(max(0.0, foreign) / (wall * os.cpu_count()), 4) if wall else None
+
+
+def _busy() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+
 def git_head() -> str:
     repo = Path(__file__).resolve().parents[1]
     try:
@@ -138,6 +170,18 @@ def git_head() -> str:
         return head + ("+dirty(pipeline/models)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+FOREIGN_LIMIT = 0.03  # above this share of the machine used by others, a run is flagged
+
+
+def foreign_shares(report: dict) -> dict:
+    """The foreign CPU share of each measured phase of a run."""
+    shares = {"pipeline": (report.get("pipeline", {}).get("cpu") or {}).get("foreign_cpu_share")}
+    for phase in ("baseline", "alone"):
+        if phase in report:
+            shares[phase] = report[phase].get("foreign_cpu_share")
+    return shares
 
 
 def summary(report: dict) -> str:
@@ -158,6 +202,9 @@ def summary(report: dict) -> str:
     ]
     if report["load_before"]["busy_processes"]:
         lines.append(f"  WARNING: other busy processes: {[b['cmd'][:60] for b in report['load_before']['busy_processes']]}")
+    foreign = {k: v for k, v in foreign_shares(report).items() if v is not None and v > FOREIGN_LIMIT}
+    if foreign:
+        lines.append(f"  WARNING: other processes used the CPU during the run (share of the machine): {foreign}; these figures are not trustworthy")
     if "ratios" in report:
         r, b, a = report["ratios"], report["baseline"], report["alone"]
         lines += [
@@ -165,7 +212,9 @@ def summary(report: dict) -> str:
             f"baseline {r['baseline_images_per_second']}, ideal {r['ideal_images_per_second']}",
             f"pipeline/ideal {r['pipeline_vs_ideal']}, pipeline/baseline {r['pipeline_vs_baseline']} (end to end {r['pipeline_end_to_end_vs_baseline']}; "
             f"between first and last commit: {r.get('pipeline_steady_vs_ideal')} of ideal, {r.get('pipeline_steady_vs_baseline')} of baseline)",
-            f"alone, CPU s/image: model {a['model_cpu_seconds_per_image']}, crf {a['crf_cpu_seconds_per_image']}",
+            f"alone, CPU s/image: model {a['model_cpu_seconds_per_image']}, crf {a['crf_cpu_seconds_per_image']} (mean of "
+            f"{a['before_baseline']['model_cpu_seconds_per_image']}/{a['before_baseline']['crf_cpu_seconds_per_image']} before the baseline and "
+            f"{a['after_pipeline']['model_cpu_seconds_per_image']}/{a['after_pipeline']['crf_cpu_seconds_per_image']} after the pipeline)",
             f"baseline s/image: {b['stage_seconds_per_image']}",
             f"masks identical to baseline: {report['agreement']['masks_identical']}/{report['agreement']['masks_compared']}",
         ]

@@ -71,18 +71,34 @@ def benchmark(args, baseline: bool = True) -> dict:
 
             model = Model.load(cfg.model)
             palette = LabelSet.from_dict(plan.labels).flat_palette()
-            base = run_baseline(paths, model, plan.crf, palette, cfg.max_pixels)
+            with report_module.ForeignLoad() as baseline_load:
+                base = run_baseline(paths, model, plan.crf, palette, cfg.max_pixels)
             sample = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), args.ideal_images))]
-            alone = measure_alone(sample, model, plan.crf, cfg.max_pixels)
+            with report_module.ForeignLoad() as alone_load:
+                alone = measure_alone(sample, model, plan.crf, cfg.max_pixels)
             del model
         pipeline = run_pipeline(cfg, args.monitor_interval, 1.0 if args.memory_check else None)
+        if baseline and not args.no_baseline:  # once more after the pipeline: the spread shows the machine's drift
+            model = Model.load(cfg.model)
+            with report_module.ForeignLoad() as again_load:
+                again = measure_alone(sample, model, plan.crf, cfg.max_pixels)
+            del model
+        if pipeline["summary"]["model_fingerprint"] != plan.model_fingerprint:
+            raise SystemExit(
+                f"the model changed during the benchmark ({plan.model_fingerprint} -> {pipeline['summary']['model_fingerprint']}): "
+                "was the bundled model re-released meanwhile? Rerun, or pass --checkpoint with a private copy"
+            )
         pipeline["masks"] = report_module.read_stage_seconds(cfg.output)
         report["pipeline"] = pipeline
         if baseline and not args.no_baseline:
-            report["baseline"] = base.as_dict()
-            report["alone"] = alone
+            report["baseline"] = {**base.as_dict(), "foreign_cpu_share": baseline_load.share}
+            report["alone"] = report_module.mean_alone(
+                {**alone, "foreign_cpu_share": alone_load.share}, {**again, "foreign_cpu_share": again_load.share}
+            )
             report["agreement"] = report_module.agreement(cfg.output, base)
             report["ratios"] = report_module.ratios(pipeline, base, alone)
+        report["foreign_cpu_shares"] = report_module.foreign_shares(report)
+        report["trustworthy"] = all(v is None or v <= report_module.FOREIGN_LIMIT for v in report["foreign_cpu_shares"].values())
     return report
 
 
