@@ -33,7 +33,7 @@ class InferenceOptions:
     threads: int = 1  # torch intra-op threads on CPU
     batch_size: int = 4
     decode_threads: int = 1
-    autocast: str = "off"  # off | bf16 | fp16 (GPU only)
+    autocast: str = "off"  # off | bf16 | fp16 (on a CPU too, where bf16 is mainly for checking the code path)
     channels_last: bool = True
     compile: bool = False
     max_pixels: int = 40_000_000
@@ -60,6 +60,8 @@ class ModelWorker:
             model.model, model.checkpoint, model.weights, model.num_classes, model.seed, storage_options=self.storage_options
         )
         self.device = torch.device(options.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one image size per shard: pick the fastest conv algorithms once
         net = loaded.net.to(self.device).eval()
         if options.channels_last and options.device == "cuda":
             net = net.to(memory_format=torch.channels_last)
@@ -155,15 +157,16 @@ def _autocast(device, mode: str):
 
     import torch
 
-    if device.type != "cuda" or mode == "off":
+    if mode == "off":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
 def _node_id() -> str:
+    """The Ray node this runs on, or "local" outside Ray (asking Ray would start a cluster)."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:
         return "local"
