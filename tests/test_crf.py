@@ -67,3 +67,19 @@ def test_low_resolution_logits_give_the_networks_own_masks():
         full = net(x)[0].softmax(0).numpy()
         low = net.lowres_logits(x)[0].numpy()
     assert np.array_equal(probabilities_from_logits(low, 71, 93).argmax(0), full.argmax(0))
+
+
+def test_raw_mask_and_confidence_equal_numpy_argmax_and_max():
+    from pipeline.refine import labels_and_confidence
+
+    rng = np.random.default_rng(5)
+    for classes, scale in ((11, 3.0), (2, 0.01), (40, 50.0), (1, 1.0)):
+        logits = rng.normal(0, scale, (classes, 9, 12)).astype(np.float32)
+        probs = probabilities_from_logits(np.round(logits) if classes == 11 else logits, 45, 61)  # rounded: ties
+        labels, confidence = labels_and_confidence(probs)
+        assert labels.dtype == np.uint8 and np.array_equal(labels, probs.argmax(0))
+        assert np.array_equal(confidence, probs.max(0))
+    tied = np.full((3, 4, 4), 0.5, np.float32)
+    assert (labels_and_confidence(tied)[0] == 0).all()  # ties go to the first class, as np.argmax
+    tied[1, 0, 0] = np.nan
+    assert np.array_equal(labels_and_confidence(tied)[0], tied.argmax(0))
