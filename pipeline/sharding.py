@@ -1,13 +1,17 @@
 """Deterministic shards: the unit of scheduling, retry and commit.
 
-The work list is sorted by URI and cut into runs of `shard_size`. A shard's id is a hash
-of the job fingerprint and its members' (uri, key) pairs, so the same inputs under the
-same model and CRF always give the same ids and file names, and a rerun overwrites
-instead of duplicating.
+The work list is sorted by URI and cut into runs of at most `shard_size`, ramped at both
+ends: 8, 16, 32, 64, ..., 64, 32, 16, 8 for the default 64. A shard commits only when all
+its images are done, so small first shards put results on disk seconds after the model
+starts, and small last shards let every worker finish at about the same time instead
+of one working through a full shard alone. In between, shards are full size and
+per-shard costs stay amortised. With `shard_size` <= 8 the cut is plain runs of it.
 
-Resume falls out of this: committed shards drop out of the work list as whole, aligned
-runs of `shard_size`, so re-cutting what is left reproduces the uncommitted shards
-exactly, ids included.
+A shard's id is a hash of the job fingerprint and its members' (uri, key) pairs, so the
+same work under the same model and CRF always gives the same ids and file names, and a
+rerun overwrites instead of duplicating. Resume comes from the outputs, not the ids:
+committed shards' images drop out of the work list and what is left is cut afresh
+(an uncommitted shard left no files, so a different cut loses and duplicates nothing).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+RAMP_START = 8  # images in the first and the last shard, when shard_size is larger
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,10 @@ def plan_shards(work: pa.Table, shard_size: int, job_fingerprint: str) -> list[S
     uris = work.column("uri").to_pylist()
     keys = [k if k is not None else "" for k in work.column("key").to_pylist()]
     labels = work.column("label_uri").to_pylist() if "label_uri" in work.column_names else [None] * len(uris)
-    shards = []
-    for start in range(0, len(uris), shard_size):
-        members = slice(start, start + shard_size)
+    shards, start = [], 0
+    for size in shard_sizes(len(uris), shard_size):
+        members = slice(start, start + size)
+        start += size
         shards.append(
             Shard(
                 shard_id=shard_id(job_fingerprint, uris[members], keys[members]),
@@ -52,6 +59,25 @@ def plan_shards(work: pa.Table, shard_size: int, job_fingerprint: str) -> list[S
             )
         )
     return shards
+
+
+def shard_sizes(count: int, shard_size: int) -> list[int]:
+    """How many images each shard of a `count`-image work list holds, in order.
+
+    Sizes double from RAMP_START up to `shard_size`, taken alternately from the front and
+    the back of the list, so both ends ramp: for 234 images and 64, 8 16 32 64 58 32 16 8.
+    """
+    if shard_size <= RAMP_START:
+        return [shard_size] * (count // shard_size) + ([count % shard_size] if count % shard_size else [])
+    front, back, size, left = [], [], RAMP_START, count
+    while left:
+        for end in (front, back):
+            take = min(size, left)
+            if take:
+                end.append(take)
+                left -= take
+        size = min(2 * size, shard_size)
+    return front + back[::-1]
 
 
 def shard_id(job_fingerprint: str, uris: list[str], keys: list[str]) -> str:
