@@ -47,7 +47,7 @@ class Execution(BaseModel):
     batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass")
     max_pixels: int = Field(_default(SegmentConfig, "max_pixels"), ge=1, description="larger images become error rows (decompression-bomb guard)")
     model_actors: int | None = Field(_default(SegmentConfig, "model_actors"), description="None: one per GPU, or one on a CPU-only cluster")
-    crf_workers: int | None = Field(_default(SegmentConfig, "crf_workers"), description="None: sized from the cluster's CPUs")
+    crf_workers: int | None = Field(_default(SegmentConfig, "crf_workers"), description="None: in the model actors on CPU-only clusters, one per free CPU with GPUs; 0: in the model actors")
     max_shards_in_flight: int | None = Field(_default(SegmentConfig, "max_shards_in_flight"))
     max_shard_attempts: int = Field(_default(SegmentConfig, "max_shard_attempts"), ge=1)
     device: Literal["auto", "cpu", "cuda"] = _default(SegmentConfig, "device")

@@ -3,15 +3,25 @@
 On a GPU cluster: one model actor per GPU, CRF workers on the remaining CPUs, since the
 CRF becomes the bottleneck once the network runs on a GPU.
 
-On a CPU-only machine: one single-threaded model actor, and as many CRF workers as
-there are cores. That deliberately oversubscribes by one: the network needs about a
-third of the CRF's CPU time per image, so with one worker fewer a core would sit idle
-whenever the model waited for work, and with one thread the model wastes no time on
-intra-op synchronisation. Ray's logical CPUs are divided accordingly (fractional CRF
-slots), and `bench/run.py` measures the result against the ideal.
+On a CPU-only cluster: one single-threaded model actor per CPU, each refining its own
+images (no CRF tasks; `crf_workers == 0`). Every core then runs one process that is
+always busy, and an image's RGB and logits never leave the process that made them.
+The earlier division, one model actor beside one CRF worker per core, kept three
+processes busy on two cores: switching between them and the cache evictions made each
+CRF ~7% slower (three CRF processes on two cores against two: 0.34 vs 0.32 CPU-s per
+image), and Ray moved each image's pixels and logits between processes. `bench/run.py
+--images 468` on 2 cores: 0.90 of the ideal images/s that way, 0.95-0.99 this way
+(docs/performance.md). Single-threaded, because two intra-op threads cost more CPU per
+image than they save (0.25 vs 0.15 CPU-s per image in the model actor).
+Asking for CRF workers (`crf_workers >= 1`) restores the separate CRF tasks;
+`crf_workers == 0` refines in the model actors on GPU clusters too.
 
-Where the model actors would hold every CPU (one-CPU nodes, or more actors than cores),
-each holds less than one, so that CRF tasks still fit beside them (`cpu_shares`).
+On a GPU cluster: one model actor per GPU, CRF workers on the remaining CPUs, since the
+CRF becomes the bottleneck once the network runs on a GPU.
+
+Where the model actors would hold every CPU beside CRF workers (one-CPU nodes, or more
+actors than cores), each holds less than one, so that CRF tasks still fit beside them
+(`cpu_shares`).
 """
 
 from __future__ import annotations
@@ -91,16 +101,21 @@ def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None)
     if device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
     use_gpu = gpus > 0 and device != "cpu"
+    if crf_workers == 0 or (crf_workers is None and not use_gpu):  # each model actor refines its own images
+        actors = model_actors or (gpus if use_gpu else max(1, int(cpus)))
+        share = 1.0 if actors <= cpus else max(0.01, math.floor(100 * cpus / actors) / 100)
+        if use_gpu:
+            return ClusterPlan("cuda", actors, share, 1.0, 1, 4, 0, 0.0, nodes)
+        return ClusterPlan("cpu", actors, share, 0.0, 1, 1, 0, 0.0, nodes)
     if use_gpu:
         actors = model_actors or gpus
         workers = crf_workers or max(1, int(cpus) - actors)
         model_cpus, crf_cpus = cpu_shares(cpus, actors, workers)
         return ClusterPlan("cuda", actors, model_cpus, 1.0, 1, 4, workers, crf_cpus, nodes)
     actors = model_actors or 1
-    workers = crf_workers or max(1, int(cpus))
-    model_cpus, crf_cpus = cpu_shares(cpus, actors, workers)
+    model_cpus, crf_cpus = cpu_shares(cpus, actors, crf_workers)
     threads = max(1, int(cpus) // (4 * actors)) if cpus >= 8 else 1
-    return ClusterPlan("cpu", actors, model_cpus, 0.0, threads, 1, workers, crf_cpus, nodes)
+    return ClusterPlan("cpu", actors, model_cpus, 0.0, threads, 1, crf_workers, crf_cpus, nodes)
 
 
 def cpu_shares(cpus: float, actors: int, workers: int) -> tuple[float, float]:

@@ -104,7 +104,7 @@ class SegmentConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ray_address: str | None = None
     model_actors: int | None = None  # None: one per GPU, or one on a CPU-only cluster
-    crf_workers: int | None = None  # None: sized from the cluster's CPUs
+    crf_workers: int | None = None  # None: in the model actors on CPU-only clusters, else one per free CPU; 0: in the model actors
     max_shards_in_flight: int | None = None
     max_shard_attempts: int = 3
     force: bool = False

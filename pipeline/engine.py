@@ -3,7 +3,9 @@
 A shard's journey: the driver hands it to a model actor (`ModelWorker.infer_shard`, a
 streaming generator); each image the actor yields goes straight to a CRF task
 (`refine_item`) without passing through the driver; when every image of the shard has
-its row, the driver commits the shard's Parquet files.
+its row, the driver commits the shard's Parquet files. On CPU-only clusters the model
+actors refine their own images (`ClusterPlan.crf_workers == 0`, see cluster.py) and
+yield the rows themselves; the driver then collects them directly.
 
 At most `max_in_flight` shards are open at once, which bounds the decoded images and
 logits in the object store however large the collection. A shard whose actor dies, or
@@ -92,7 +94,9 @@ class ShardExecutor:
             max_task_retries=0,  # segflow retries whole shards itself
             scheduling_strategy="SPREAD",
         )
-        self.actors = [actor_class.remote(model, inference, storage_options, storage_env) for _ in range(cluster.model_actors)]
+        self.refine_in_actors = cluster.crf_workers == 0
+        in_actor = refine_context if self.refine_in_actors else None
+        self.actors = [actor_class.remote(model, inference, storage_options, storage_env, in_actor) for _ in range(cluster.model_actors)]
         self._probes: list = [None] * len(self.actors)  # per actor: readiness probe in flight after a failure
         self._refine_item = ray.remote(refine_item)
         self._refine_options = {"num_cpus": cluster.crf_num_cpus, "max_retries": 3}
@@ -200,6 +204,9 @@ class ShardExecutor:
 
     def _advance_generator(self, o: _OpenShard) -> None:
         item_ref = next(o.generator)
+        if self.refine_in_actors:  # the item is already the image's rows: collect it like a CRF result
+            o.refining.add(item_ref)
+            return
         refine = self._refine_item.options(name=f"refine_item shard-{o.shard.shard_id}", **self._refine_options)
         o.refining.add(refine.remote(item_ref, self.context, o.shard.shard_id))
 

@@ -1,5 +1,8 @@
 """The model stage: a Ray actor that loads its network once and streams a shard's logits.
 
+Given a `RefineContext`, the actor also refines each image itself (`refine_item`) and
+streams the image's rows instead: what CPU-only clusters do (see cluster.py).
+
 Per shard, background threads read and decode images while the
 actor's main thread runs the network, so decoding stays off the model's critical path.
 Consecutive images of the same size are batched (padding would change an FCN's output
@@ -44,14 +47,18 @@ class ModelWorker:
 
     def __init__(
         self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None,
-        storage_env: dict | None = None,
+        storage_env: dict | None = None, refine_context=None,
     ):
-        """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read."""
+        """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read.
+
+        `refine_context` (a `refine.RefineContext`): refine each image here and yield its rows.
+        """
         import torch
 
         from models.registry import load_model
 
         use_storage_environment(storage_env)
+        self.refine_context = refine_context
         self.options = options
         self.storage_options = storage_options or {}
         if options.device == "cpu":
@@ -75,7 +82,19 @@ class ModelWorker:
         return os.getpid()
 
     def infer_shard(self, shard: Shard):
-        """Yield, per image in shard order, an inference result dict or a failure dict.
+        """Yield, per image in shard order, an inference result dict or a failure dict
+        (with a refine context: `refine_item`'s rows for each image instead).
+        """
+        if self.refine_context is None:
+            yield from self._infer(shard)
+            return
+        from pipeline.refine import refine_item
+
+        for item in self._infer(shard):
+            yield refine_item(item, self.refine_context, shard.shard_id)
+
+    def _infer(self, shard: Shard):
+        """Per image in shard order, an inference result dict or a failure dict.
 
         Decoding runs in `decode_threads` background threads (PIL releases the GIL), at
         most one shard ahead, while this thread runs the network. A batch runs as soon as

@@ -184,8 +184,9 @@ def test_model_actor_killed_mid_shard_job_still_completes(ray_local, random_fcn,
 
 def test_crf_worker_killed_mid_task_job_still_completes(ray_local, random_fcn, tmp_path):
     write_scenes(tmp_path / "in", 6)
-    # more mean-field iterations than usual: each CRF task then runs long enough to be caught
-    cfg = _config(tmp_path / "in", tmp_path / "out", random_fcn, crf=CRFParams(iterations=40), crf_from_model=False)
+    # more mean-field iterations than usual: each CRF task then runs long enough to be caught;
+    # CRF workers asked for: on a CPU-only cluster the model actors refine by default (no CRF tasks)
+    cfg = _config(tmp_path / "in", tmp_path / "out", random_fcn, crf=CRFParams(iterations=40), crf_from_model=False, crf_workers=2)
     plan = job.plan_stage(cfg, job.list_stage(cfg))
     with TaskKiller([f"refine_item shard-{s.shard_id}" for s in plan.shards]) as killer:
         stats = job.run_stage(cfg, plan)

@@ -42,7 +42,7 @@ def add_engine_args(p) -> None:
     e.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (unit of scheduling, retry, commit)")
     e.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images only)")
     e.add_argument("--model-actors", type=int, help="model actors (default: one per GPU, or one on CPU)")
-    e.add_argument("--crf-workers", type=int, help="concurrent CRF tasks (default: sized from the cluster's CPUs)")
+    e.add_argument("--crf-workers", type=int, help="concurrent CRF tasks (default: none on CPU-only clusters, where the model actors refine their own images; one per free CPU with GPUs; 0: always in the model actors)")
     e.add_argument("--max-shards-in-flight", type=int, help="bound on open shards (memory); default 2 per model actor")
     e.add_argument("--max-shard-attempts", type=int, default=3, help="tries before a shard's images become error rows")
     e.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit per image")
