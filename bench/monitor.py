@@ -87,6 +87,8 @@ class TreeMonitor:
     procs: dict = field(default_factory=dict)
     peak_tree_rss: int = 0
     peak_tree_pss: int = 0
+    timeline_every: float = 5.0  # seconds between points of the RSS timeline
+    timeline: list = field(default_factory=list)  # [seconds since start, {role: largest RSS MiB}]
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -94,6 +96,7 @@ class TreeMonitor:
         self._thread = threading.Thread(target=self._loop, name="tree-monitor", daemon=True)
         self.root = psutil.Process(self.pid)
         self._last_pss = 0.0
+        self._t0 = time.perf_counter()
 
     def start(self) -> "TreeMonitor":
         self.sample()
@@ -163,6 +166,14 @@ class TreeMonitor:
                 known.peak_rss = max(known.peak_rss, rss)
                 total_rss += rss
             self.peak_tree_rss = max(self.peak_tree_rss, total_rss)
+            now = time.perf_counter() - self._t0
+            if not self.timeline or now - self.timeline[-1][0] >= self.timeline_every:
+                largest: dict[str, int] = {}
+                for proc in members:
+                    p = self.procs.get(proc.pid)
+                    if p is not None:
+                        largest[p.role] = max(largest.get(p.role, 0), p.rss)
+                self.timeline.append([round(now, 1), {k: _mib(v) for k, v in sorted(largest.items())}])
         if self.pss_interval and time.perf_counter() - self._last_pss >= self.pss_interval:
             self._last_pss = time.perf_counter()
             self.peak_tree_pss = max(self.peak_tree_pss, _pss_sum(members))

@@ -141,6 +141,7 @@ def run_pipeline(cfg, interval: float, pss_interval: float | None = None) -> dic
         },
         "cpu": _cpu_report(monitor.window(start_mark, end_mark), summary["masks"]) if start_mark else None,
         "peak_rss": monitor.peak_rss(),
+        "rss_timeline_mib": monitor.timeline,  # to tell a plateau from growth
         "driver_max_rss_mib": result["driver_max_rss_mib"],
     }
 

@@ -57,8 +57,15 @@ class ModelWorker:
 
         from models.registry import load_model
 
+        from concurrent.futures import ThreadPoolExecutor
+
         use_storage_environment(storage_env)
         self.refine_context = refine_context
+        # One decode pool for the actor's life. A new pool per shard started new threads,
+        # each of which could take a fresh malloc arena that kept the freed memory of its
+        # shard's decoded images: the actor's RSS grew ~0.2 MB per image (1,040 -> 1,250
+        # MiB over 1,200 images); with one pool it stays within ~3% over 2,000.
+        self._decode_pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="decode")
         self.options = options
         self.storage_options = storage_options or {}
         if options.device == "cpu":
@@ -100,18 +107,11 @@ class ModelWorker:
         most one shard ahead, while this thread runs the network. A batch runs as soon as
         it is full or no decoded image is waiting, so a slow reader never stalls the model.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="decode") as pool:
-            futures = [pool.submit(self._read_and_decode, *member) for member in zip(shard.uris, shard.keys, shard.label_uris)]
+        futures = [self._decode_pool.submit(self._read_and_decode, *member) for member in zip(shard.uris, shard.keys, shard.label_uris)]
+        try:
             pending: list[dict] = []
             for i, future in enumerate(futures):
-                try:
-                    item = future.result()
-                except StorageError:
-                    for later in futures[i + 1 :]:
-                        later.cancel()  # the store is failing: do not sit out every image's retries
-                    raise
+                item = future.result()  # a StorageError ends the shard; `finally` drops the rest
                 if "failure" in item:
                     yield item
                     continue
@@ -124,6 +124,9 @@ class ModelWorker:
                     yield from self._run_batch(pending)
                     pending = []
             yield from self._run_batch(pending)
+        finally:
+            for later in futures:
+                later.cancel()  # a shard given up (failing store, cancelled task) stops decoding
 
     def _read_and_decode(self, uri: str, key: str, label_uri: str | None) -> dict:
         base = {"uri": uri, "key": key, "label_uri": label_uri, "node_id": self.node_id}
