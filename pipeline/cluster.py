@@ -10,14 +10,11 @@ The earlier division, one model actor beside one CRF worker per core, kept three
 processes busy on two cores: switching between them and the cache evictions made each
 CRF ~7% slower (three CRF processes on two cores against two: 0.34 vs 0.32 CPU-s per
 image), and Ray moved each image's pixels and logits between processes. `bench/run.py
---images 468` on 2 cores: 0.90 of the ideal images/s that way, 0.95-0.99 this way
-(docs/performance.md). Single-threaded, because two intra-op threads cost more CPU per
+--images 468` on 2 cores: 0.90 of the ideal images/s that way, 0.92-0.99 this way
+(README, Performance). Single-threaded, because two intra-op threads cost more CPU per
 image than they save (0.25 vs 0.15 CPU-s per image in the model actor).
 Asking for CRF workers (`crf_workers >= 1`) restores the separate CRF tasks;
 `crf_workers == 0` refines in the model actors on GPU clusters too.
-
-On a GPU cluster: one model actor per GPU, CRF workers on the remaining CPUs, since the
-CRF becomes the bottleneck once the network runs on a GPU.
 
 Where the model actors would hold every CPU beside CRF workers (one-CPU nodes, or more
 actors than cores), each holds less than one, so that CRF tasks still fit beside them
