@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from flows import interrupt
+
+    interrupt.install()
     try:
         if getattr(args, "config", None):
             from flows.commands.options import apply_config_file
@@ -46,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print("segflow: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+        print(interrupt.MESSAGE, file=sys.stderr)
+        return interrupt.EXIT_CODE
     except Exception as exc:  # the CLI boundary: known errors become one line
         if _is_user_facing(exc):
             print(f"segflow {args.command}: error: {exc}", file=sys.stderr)

@@ -119,6 +119,56 @@ def test_rerun_after_driver_sigkill_commits_only_the_missing_shards(tmp_path):
         assert leftovers == [], f"staging or partial files left in {output}: {leftovers}"
 
 
+def _session_members(session: int) -> set[int]:
+    """Live processes of a session (a driver started with start_new_session and all it started)."""
+    members = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == session:
+                    members.add(int(name))
+            except OSError:
+                continue  # exited meanwhile
+    return members
+
+
+def test_ctrl_c_on_the_embedded_default_ends_promptly_and_stops_everything_it_started(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group, Prefect's ephemeral
+    API server and the local Ray included. segflow must still end (it once hung, retrying
+    against the stopped server), say how to resume, and leave no process behind."""
+    write_scenes(tmp_path / "in", 120)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    command = [
+        sys.executable, "-m", "flows.cli", "segment", str(tmp_path / "in"), str(out), "--shard-size", "2",
+        "--model", "fcn8s_resnet18", "--weights", "none", "--num-classes", "11", "--no-progress",
+    ]
+    driver = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "masks").glob("shard-*.parquet")):
+        assert driver.poll() is None, f"the run ended before any commit: {driver.stderr.read()}"
+        assert time.monotonic() < deadline, "no shard committed in 300 s"
+        time.sleep(0.01)
+    os.killpg(driver.pid, signal.SIGINT)
+    try:
+        _, stderr = driver.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise AssertionError("segflow was still running 60 s after Ctrl-C") from None
+    assert driver.returncode == 130, stderr
+    assert "interrupted; committed shards are kept, rerun the same command to resume" in stderr
+    deadline = time.monotonic() + 15
+    while _session_members(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = _session_members(driver.pid)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"processes started by the interrupted segflow survived: {survivors}"
+    assert verify_output(str(out)) == []  # what was committed is whole: the rest is simply not done yet
+    leftovers = [p.name for d in ("masks", "errors") if (out / d).exists() for p in (out / d).iterdir() if not SHARD_FILE.match(p.name)]
+    assert leftovers == [], f"staging or partial files left: {leftovers}"
+
+
 # --- killed workers ----------------------------------------------------------------------
 
 
