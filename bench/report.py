@@ -64,14 +64,22 @@ def agreement(output: str, base) -> dict:
 
 
 def mean_alone(before: dict, after: dict) -> dict:
-    """The model and CRF timed alone before the baseline and after the pipeline: their mean, and both."""
+    """The model and CRF timed alone right before and right after the pipeline: their mean, and both.
+
+    The pipeline's ideal comes from this mean, so the ideal brackets the pipeline in time.
+    `drift` is how much slower the machine did the same work after the pipeline than before
+    it (a shared host's neighbours, clock changes): a run whose drift exceeds DRIFT_LIMIT
+    cannot tell a 0.9x pipeline from a 1.0x one, and is flagged.
+    """
     keys = ("model_cpu_seconds_per_image", "crf_cpu_seconds_per_image")
     shares = [s for s in (before["foreign_cpu_share"], after["foreign_cpu_share"]) if s is not None]
+    drift = sum(after[k] for k in keys) / sum(before[k] for k in keys) - 1
     return {
         "images": before["images"],
         **{k: round((before[k] + after[k]) / 2, 4) for k in keys},
         "foreign_cpu_share": max(shares) if shares else None,
-        "before_baseline": before,
+        "drift": round(drift, 4),
+        "before_pipeline": before,
         "after_pipeline": after,
     }
 
@@ -173,6 +181,14 @@ def git_head() -> str:
 
 
 FOREIGN_LIMIT = 0.03  # above this share of the machine used by others, a run is flagged
+DRIFT_LIMIT = 0.05  # above this change in the machine's speed across the pipeline, a run is flagged
+
+
+def trustworthy(report: dict) -> bool:
+    """No phase disturbed by other processes, and the machine's speed steady across the pipeline."""
+    undisturbed = all(v is None or v <= FOREIGN_LIMIT for v in foreign_shares(report).values())
+    drift = report.get("alone", {}).get("drift")
+    return undisturbed and (drift is None or abs(drift) <= DRIFT_LIMIT)
 
 
 def foreign_shares(report: dict) -> dict:
@@ -205,6 +221,9 @@ def summary(report: dict) -> str:
     foreign = {k: v for k, v in foreign_shares(report).items() if v is not None and v > FOREIGN_LIMIT}
     if foreign:
         lines.append(f"  WARNING: other processes used the CPU during the run (share of the machine): {foreign}; these figures are not trustworthy")
+    drift = report.get("alone", {}).get("drift")
+    if drift is not None and abs(drift) > DRIFT_LIMIT:
+        lines.append(f"  WARNING: the machine did the same work {100 * drift:+.1f}% slower after the pipeline than before it; these figures are not trustworthy")
     if "ratios" in report:
         r, b, a = report["ratios"], report["baseline"], report["alone"]
         lines += [
@@ -213,7 +232,7 @@ def summary(report: dict) -> str:
             f"pipeline/ideal {r['pipeline_vs_ideal']}, pipeline/baseline {r['pipeline_vs_baseline']} (end to end {r['pipeline_end_to_end_vs_baseline']}; "
             f"between first and last commit: {r.get('pipeline_steady_vs_ideal')} of ideal, {r.get('pipeline_steady_vs_baseline')} of baseline)",
             f"alone, CPU s/image: model {a['model_cpu_seconds_per_image']}, crf {a['crf_cpu_seconds_per_image']} (mean of "
-            f"{a['before_baseline']['model_cpu_seconds_per_image']}/{a['before_baseline']['crf_cpu_seconds_per_image']} before the baseline and "
+            f"{a['before_pipeline']['model_cpu_seconds_per_image']}/{a['before_pipeline']['crf_cpu_seconds_per_image']} before the pipeline and "
             f"{a['after_pipeline']['model_cpu_seconds_per_image']}/{a['after_pipeline']['crf_cpu_seconds_per_image']} after the pipeline)",
             f"baseline s/image: {b['stage_seconds_per_image']}",
             f"masks identical to baseline: {report['agreement']['masks_identical']}/{report['agreement']['masks_compared']}",

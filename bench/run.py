@@ -96,9 +96,9 @@ def benchmark(args, baseline: bool = True) -> dict:
                 {**alone, "foreign_cpu_share": alone_load.share}, {**again, "foreign_cpu_share": again_load.share}
             )
             report["agreement"] = report_module.agreement(cfg.output, base)
-            report["ratios"] = report_module.ratios(pipeline, base, alone)
+            report["ratios"] = report_module.ratios(pipeline, base, report["alone"])
         report["foreign_cpu_shares"] = report_module.foreign_shares(report)
-        report["trustworthy"] = all(v is None or v <= report_module.FOREIGN_LIMIT for v in report["foreign_cpu_shares"].values())
+        report["trustworthy"] = report_module.trustworthy(report)
     return report
 
 

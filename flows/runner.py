@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from pipeline import job
 from pipeline.config import SegmentConfig
 
@@ -24,22 +27,64 @@ def preflight(cfg: SegmentConfig) -> None:
 
 
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
+    api = start_ephemeral_api()
+    preflight(cfg)
     from flows.segment import run_segment_flow
 
-    preflight(cfg)
+    _wait_for(api)
     summary = run_segment_flow(cfg)
     print_summary(summary)
     return summary
 
 
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
+    api = start_ephemeral_api()
+    preflight(cfg)
     from flows.evaluate import run_evaluate_flow
 
-    preflight(cfg)
+    _wait_for(api)
     summary, evaluation = run_evaluate_flow(cfg)
     print_summary(summary)
     print_evaluation(evaluation)
     return summary, evaluation
+
+
+def start_ephemeral_api() -> threading.Thread | None:
+    """Start Prefect's temporary API server in the background, when no PREFECT_API_URL is set.
+
+    Otherwise the flow's first call starts it and waits ~4 s for it to answer, after
+    preflight has spent ~3 s importing torch: started here, the server boots on another
+    core meanwhile, and the first mask commits that much sooner. The flow then finds
+    the same server (Prefect keeps one per process). Prefect's notices that it starts and
+    stops a temporary server are dropped: a preflight error stays one line.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    logging.getLogger("prefect").addFilter(_drop_temporary_server_notices)
+    starter = threading.Thread(target=_start_quietly, args=(SubprocessASGIServer(),), name="prefect-api-start", daemon=True)
+    starter.start()
+    return starter
+
+
+def _start_quietly(server) -> None:
+    try:
+        server.start()
+    except Exception:  # noqa: BLE001 - the flow starts it again, and reports what went wrong
+        pass
+
+
+def _wait_for(starter: threading.Thread | None) -> None:
+    """Let the server finish starting: a flow calling it half-started would back off for seconds."""
+    if starter is not None:
+        starter.join()
+
+
+def _drop_temporary_server_notices(record: logging.LogRecord) -> bool:
+    return not (record.name == "prefect" and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server")))
 
 
 def print_summary(summary: job.RunSummary) -> None:

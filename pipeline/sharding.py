@@ -1,11 +1,11 @@
 """Deterministic shards: the unit of scheduling, retry and commit.
 
 The work list is sorted by URI and cut into runs of at most `shard_size`, ramped at both
-ends: 8, 16, 32, 64, ..., 64, 32, 16, 8 for the default 64. A shard commits only when all
+ends: 4, 8, 16, 32, 64, ..., 64, 32, 16, 8, 4 for the default 64. A shard commits only when all
 its images are done, so small first shards put results on disk seconds after the model
 starts, and small last shards let every worker finish at about the same time instead
 of one working through a full shard alone. In between, shards are full size and
-per-shard costs stay amortised. With `shard_size` <= 8 the cut is plain runs of it.
+per-shard costs stay amortised. With `shard_size` <= 4 the cut is plain runs of it.
 
 A shard's id is a hash of the job fingerprint and its members' (uri, key) pairs, so the
 same work under the same model and CRF always gives the same ids and file names, and a
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-RAMP_START = 8  # images in the first and the last shard, when shard_size is larger
+RAMP_START = 4  # images in the first and the last shard, when shard_size is larger
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def shard_sizes(count: int, shard_size: int) -> list[int]:
     """How many images each shard of a `count`-image work list holds, in order.
 
     Sizes double from RAMP_START up to `shard_size`, taken alternately from the front and
-    the back of the list, so both ends ramp: for 234 images and 64, 8 16 32 64 58 32 16 8.
+    the back of the list, so both ends ramp: for 234 images and 64, 4 8 16 32 64 50 32 16 8 4.
     """
     if shard_size <= RAMP_START:
         return [shard_size] * (count // shard_size) + ([count % shard_size] if count % shard_size else [])

@@ -36,7 +36,7 @@ def test_plan_scale_lists_and_plans_every_manifest_entry(tmp_path):
     out = tmp_path / "plan.json"
     subprocess.run([sys.executable, str(BENCH / "plan_scale.py"), "--entries", "5000", "--json", str(out)], check=True, capture_output=True)
     result = json.loads(out.read_text())
-    assert result["listed"] == 5000 and result["shards"] == 6 + 77  # 8, 16, 32 ramps at both ends, then ceil(4888 / 64)
+    assert result["listed"] == 5000 and result["shards"] == 8 + 77  # 4, 8, 16, 32 ramps at both ends, then ceil(4880 / 64)
     assert result["peak_rss_mib"] > 0 and result["list_and_plan_seconds"] >= 0
 
 
