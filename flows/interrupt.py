@@ -59,8 +59,8 @@ def _stop_ray(seconds: float) -> None:
     import threading
 
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return
+    if ray is None:
+        return  # (not `ray.is_initialized()`: shutdown also stops the daemons of a start still under way)
     stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     stopper.start()
     stopper.join(seconds)

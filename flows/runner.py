@@ -29,6 +29,7 @@ def preflight(cfg: SegmentConfig) -> None:
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
     api = start_ephemeral_api()
     preflight(cfg)
+    start_ray_for_first_run(cfg)
     from flows.segment import run_segment_flow
 
     _wait_for(api)
@@ -40,6 +41,7 @@ def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     api = start_ephemeral_api()
     preflight(cfg)
+    start_ray_for_first_run(cfg)
     from flows.evaluate import run_evaluate_flow
 
     _wait_for(api)
@@ -47,6 +49,19 @@ def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     print_summary(summary)
     print_evaluation(evaluation)
     return summary, evaluation
+
+
+def start_ray_for_first_run(cfg: SegmentConfig) -> None:
+    """Start the local Ray now, beside Prefect's server, when the job is certain to need it.
+
+    A first run into an OUTPUT (no committed shard yet) always has work; a rerun may have
+    none, and then starts no Ray at all, so it waits for the plan (`run_shards`).
+    """
+    from pipeline.cluster import start_local_ray_in_background
+    from pipeline.state import has_committed_shards
+
+    if cfg.ray_address is None and not has_committed_shards(cfg.output, cfg.storage_options):
+        start_local_ray_in_background()
 
 
 def start_ephemeral_api() -> threading.Thread | None:

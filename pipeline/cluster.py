@@ -26,6 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
@@ -53,7 +56,61 @@ def connect(address: str | None) -> None:
 
     Token authentication stays on: Ray (2.59+) generates a token for local clusters and
     keeps it in ~/.ray/auth_token; segflow refuses to run with it switched off.
+    A local Ray begun by `start_local_ray_in_background` is waited for, then used.
     """
+    wait_for_background_start()
+    _connect(address)
+
+
+_background_start: threading.Event | None = None  # set once the helper thread's start has ended
+
+
+def start_local_ray_in_background() -> None:
+    """Begin starting a local Ray in a helper thread, for a job certain to need it.
+
+    A local Ray takes 3-5 s to start. The CLI begins it for a first run into an OUTPUT
+    (which always has work) while Prefect's server boots and the flow is imported;
+    `connect` then finds it up. If it fails here, `connect` starts it again in the
+    flow and reports the error there.
+
+    The helper thread stays parked after the start, for the life of the process: Ray
+    ties its local GCS and raylet to the thread that started them (Linux's parent-death
+    signal follows the creating thread), so a thread that ended would take them with it.
+    Ray installs its SIGTERM handler (exit, so that exit handlers stop the local Ray and
+    Prefect's server) only from the main thread; it is installed here, in the caller's.
+    """
+    global _background_start
+    import ray  # noqa: F401 - imported in this thread: two threads importing one package invite lock trouble
+
+    logging.getLogger("ray._private.worker").addFilter(_drop_thread_sigterm_warning)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    _background_start = threading.Event()
+    threading.Thread(target=_start_and_park, args=(_background_start,), name="ray-start", daemon=True).start()
+
+
+def wait_for_background_start() -> None:
+    global _background_start
+    if _background_start is not None:
+        _background_start.wait()
+        _background_start = None
+
+
+def _start_and_park(done: threading.Event) -> None:
+    try:
+        _connect(None)
+    except Exception:  # noqa: BLE001 - connect() retries in the flow and reports the failure
+        pass
+    finally:
+        done.set()
+    threading.Event().wait()  # see start_local_ray_in_background: Ray's daemons live as long as this thread
+
+
+def _drop_thread_sigterm_warning(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _connect(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():

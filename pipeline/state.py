@@ -41,6 +41,21 @@ class ExistingOutputs:
         return {sid for (dataset, sid) in self.files if dataset == MASKS}
 
 
+def has_committed_shards(output: str, storage_options: dict | None = None) -> bool:
+    """Whether OUTPUT holds any committed shard: one listing of masks/, nothing read.
+
+    When OUTPUT cannot be listed the answer is True, the cautious one for its callers (the
+    error itself surfaces when the run reads OUTPUT).
+    """
+    try:
+        fs, directory = filesystem_for(dataset_url(output, MASKS), storage_options)
+        if not fs.exists(directory):
+            return False
+        return any(_SHARD_FILE.match(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(directory, detail=False))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return True
+
+
 def read_existing(output: str, storage_options: dict | None = None, remove_leftovers: bool = False) -> ExistingOutputs:
     """Read the state columns of every committed shard under OUTPUT.
 

@@ -240,3 +240,18 @@ def test_noop_plan_over_20k_entry_manifest_is_fast(random_fcn, tmp_path):
     assert plan.describe() == f"nothing to do: all {n} images are up to date"
     assert seconds < 10, f"list+plan of a {n}-entry no-op took {seconds:.1f} s"  # 0.7 s measured on 2 busy cores
     assert verify_output(cfg.output, str(manifest)) == []
+
+
+def test_has_committed_shards_sees_only_commit_markers(tmp_path):
+    """It decides whether the CLI may start Ray before planning: a first run into OUTPUT always has work."""
+    from pipeline.state import has_committed_shards
+
+    out = tmp_path / "out"
+    assert not has_committed_shards(str(out))
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / ".staging-shard-0123456789abcdef.parquet").write_bytes(b"half")
+    (out / "errors").mkdir()
+    (out / "errors" / "shard-0123456789abcdef.parquet").write_bytes(b"x")  # an interrupted commit: no masks marker
+    assert not has_committed_shards(str(out))
+    (out / "masks" / "shard-0123456789abcdef.parquet").write_bytes(b"x")
+    assert has_committed_shards(str(out))
