@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for trial in range(args.trials):
             seconds.append(round(first_commit_seconds(images, Path(tmp) / f"out-{trial}"), 2))
             print(f"trial {trial + 1}: first commit {seconds[-1]} s after the command started", file=sys.stderr)
-            time.sleep(3)  # let the interrupted run's processes leave
+            time.sleep(10)  # let the interrupted run's processes leave and the machine settle
     result = {
         "command": "segflow segment INPUT OUTPUT --no-progress",
         "images": args.images,

@@ -10,17 +10,32 @@ from pipeline.config import SegmentConfig
 
 
 def preflight(cfg: SegmentConfig) -> None:
-    """Check what the user named before Prefect and Ray start, so mistakes cost one line.
+    """Check what the user named before any flow runs, so mistakes cost one line.
 
     INPUT (and LABELS) must exist, and the model must resolve: a registry name, a readable
-    checkpoint, torchvision weights that are cached or downloadable.
+    checkpoint, torchvision weights that are cached or downloadable. The model check
+    imports torch (~3 s); meanwhile Prefect's temporary server boots and, for a first run,
+    the local Ray starts (both quiet). If the model check fails, that Ray is stopped
+    before the one-line error.
     """
-    from models.registry import describe_model, fetch_weights
     from pipeline.listing import check_input
 
     check_input(cfg.input, cfg.storage_options)
     if cfg.evaluation is not None:
         check_input(cfg.evaluation.labels, cfg.storage_options)
+    start_ray_for_first_run(cfg)
+    try:
+        check_model(cfg)
+    except BaseException:
+        from pipeline.cluster import stop_background_start
+
+        stop_background_start()
+        raise
+
+
+def check_model(cfg: SegmentConfig) -> None:
+    from models.registry import describe_model, fetch_weights
+
     m = cfg.model
     describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
     fetch_weights(m.model, m.weights)
@@ -29,7 +44,6 @@ def preflight(cfg: SegmentConfig) -> None:
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
     api = start_ephemeral_api()
     preflight(cfg)
-    start_ray_for_first_run(cfg)
     from flows.segment import run_segment_flow
 
     _wait_for(api)
@@ -41,7 +55,6 @@ def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     api = start_ephemeral_api()
     preflight(cfg)
-    start_ray_for_first_run(cfg)
     from flows.evaluate import run_evaluate_flow
 
     _wait_for(api)

@@ -69,7 +69,7 @@ def start_local_ray_in_background() -> None:
     """Begin starting a local Ray in a helper thread, for a job certain to need it.
 
     A local Ray takes 3-5 s to start. The CLI begins it for a first run into an OUTPUT
-    (which always has work) while Prefect's server boots and the flow is imported;
+    (which always has work) while the model is checked and Prefect's server boots;
     `connect` then finds it up. If it fails here, `connect` starts it again in the
     flow and reports the error there.
 
@@ -94,6 +94,16 @@ def wait_for_background_start() -> None:
     if _background_start is not None:
         _background_start.wait()
         _background_start = None
+
+
+def stop_background_start() -> None:
+    """Wait for a background start, then stop that Ray (the job ended before using it)."""
+    if _background_start is None:
+        return
+    wait_for_background_start()
+    import ray
+
+    ray.shutdown()
 
 
 def _start_and_park(done: threading.Event) -> None:
