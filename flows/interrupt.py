@@ -10,9 +10,8 @@ So segflow's SIGINT handler first looks at the ephemeral server. If it is stoppi
 nothing more can be recorded in Prefect, and every committed shard is already complete
 on storage: it prints the resume hint, stops the local Ray cluster (its dashboard and
 runtime-env agents would outlive a bare exit) and leaves at once (`os._exit`). If the
-server is alive (only
-segflow was signalled, or the API is a real server), it raises KeyboardInterrupt as
-usual, and Prefect records the interruption.
+server is alive (only segflow was signalled, or the API is a real server), it raises
+KeyboardInterrupt as usual, and Prefect records the interruption.
 """
 
 from __future__ import annotations
