@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_facing(exc: Exception) -> bool:
     from models.checkpoint import CheckpointError
-    from models.registry import ModelUnavailableError
+    from models.catalog import ModelUnavailableError
 
     known: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ModelUnavailableError, FileNotFoundError)
     try:

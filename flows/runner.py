@@ -34,7 +34,7 @@ def preflight(cfg: SegmentConfig) -> None:
 
 
 def check_model(cfg: SegmentConfig) -> None:
-    from models.registry import describe_model, fetch_weights
+    from models.catalog import describe_model, fetch_weights
 
     m = cfg.model
     describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)

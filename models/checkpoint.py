@@ -12,7 +12,8 @@ string metadata (key "segflow") a JSON document that says everything needed to u
 
 Torch pickles (.pt/.pth) are accepted too, but only through `torch.load(weights_only=True)`,
 which refuses anything that would run code on load. Files are read through fsspec, so a
-checkpoint may live at any URL (local path, s3://, ...).
+checkpoint may live at any URL (local path, s3://, ...). Reading a safetensors file's
+metadata (`read_checkpoint_meta`) needs no torch, so the driver can plan without it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import io
 import json
 import pickle
 import struct
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 METADATA_KEY = "segflow"
@@ -49,6 +50,7 @@ def save_checkpoint(
     the bytes written, which is the checkpoint's identity.
     """
     import fsspec
+    from safetensors.torch import save as save_safetensors
 
     meta = {"format": FORMAT_VERSION, **meta}
     tensors = {k: _stored(v, float_dtype) for k, v in state_dict.items()}
@@ -67,17 +69,32 @@ def _stored(t: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
 
 def read_checkpoint(url: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
     """Read a checkpoint from any fsspec URL -> (state_dict, meta, sha256 of the file)."""
+    data = _read_bytes(url, storage_options)
+    digest = hashlib.sha256(data).hexdigest()
+    if _looks_like_safetensors(data):
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(data), _safetensors_meta(url, data), digest
+    return (*_read_torch_pickle(url, data), digest)
+
+
+def read_checkpoint_meta(url: str, storage_options: dict | None = None) -> tuple[dict, str]:
+    """(meta, sha256 of the file) of a checkpoint, without loading its weights (nor torch, for safetensors)."""
+    data = _read_bytes(url, storage_options)
+    digest = hashlib.sha256(data).hexdigest()
+    if _looks_like_safetensors(data):
+        return _safetensors_meta(url, data), digest
+    return _read_torch_pickle(url, data)[1], digest
+
+
+def _read_bytes(url: str, storage_options: dict | None) -> bytes:
     import fsspec
 
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{url}: checkpoint not found; check the path or URL") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if _looks_like_safetensors(data):
-        return load_safetensors(data), _safetensors_meta(url, data), digest
-    return (*_read_torch_pickle(url, data), digest)
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
@@ -100,6 +117,8 @@ def _safetensors_meta(url: str, data: bytes) -> dict:
 
 
 def _read_torch_pickle(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:

@@ -11,15 +11,14 @@ upsample them beside the CRF. A network whose output is already full resolution 
 CRF-as-RNN head, say) returns it from `lowres_logits` and the upsampling is the identity.
 
 New families register a builder in `ARCHITECTURES` under their `family` name; the
-architecture dict stored in a checkpoint is passed back to that builder.
+architecture dict stored in a checkpoint is passed back to that builder. Names,
+fingerprints and label sets, which the driver needs without torch, live in
+`models.catalog` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,28 +26,32 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from models.catalog import (  # noqa: F401 - re-exported: the registry answers for both
+    BACKBONES,
+    BUNDLED,
+    BUNDLED_CHECKPOINT,
+    FCN_MODELS,
+    TORCHVISION_MODELS,
+    VARIANTS,
+    ModelInfo,
+    ModelUnavailableError,
+    architecture_for,
+    available_models,
+    describe_model,
+    fetch_weights,
+    _digest,
+    _labels_for,
+    _numbered_labels,
+    _resolve_bundled,
+    _torchvision_weights,
+    _weights_unavailable,
+)
 from models.checkpoint import CheckpointError, read_checkpoint
-from models.fcn import BACKBONES, VARIANTS, build_fcn
-from models.labels import VOC, LabelSet
+from models.fcn import build_fcn
+from models.labels import LabelSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-TORCHVISION_MODELS = (
-    "fcn_resnet50",
-    "fcn_resnet101",
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "deeplabv3_mobilenet_v3_large",
-    "lraspp_mobilenet_v3_large",
-)
-FCN_MODELS = tuple(f"{v}_{b}" for v in VARIANTS for b in BACKBONES)
-BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "camvid_fcn8s_resnet18.safetensors"
-BUNDLED = "bundled"
-
-
-class ModelUnavailableError(RuntimeError):
-    """Weights that cannot be obtained (offline, unknown name); the message lists alternatives."""
 
 
 @dataclass
@@ -62,53 +65,6 @@ class LoadedModel:
     architecture: dict
     fingerprint: str
     meta: dict
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to know about a model without building it."""
-
-    fingerprint: str
-    labels: LabelSet
-    architecture: dict
-    meta: dict
-
-
-def describe_model(
-    model: str | None = None,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    num_classes: int | None = None,
-    seed: int = 0,
-    storage_options: dict | None = None,
-) -> ModelInfo:
-    """Fingerprint, label set and metadata of what `load_model` would load, without building it."""
-    checkpoint = _resolve_bundled(model, checkpoint)
-    if checkpoint is not None:
-        _, meta, sha = read_checkpoint(checkpoint, storage_options)
-        return ModelInfo(sha[:16], LabelSet.from_dict(meta["labels"]), meta["architecture"], meta)
-    architecture = architecture_for(model)
-    if weights and weights.lower() != "none":
-        chosen = _torchvision_weights(model, weights)
-        labels = _labels_for(chosen.meta["categories"])
-        return ModelInfo(_digest({"architecture": architecture, "weights": chosen.url}), labels, architecture, {"weights": chosen.name})
-    labels = VOC if num_classes in (None, VOC.num_classes) else _numbered_labels(num_classes)
-    fingerprint = _digest({"architecture": architecture, "classes": labels.num_classes, "seed": seed})
-    return ModelInfo(fingerprint, labels, architecture, {"weights": f"random(seed={seed})"})
-
-
-def available_models() -> list[str]:
-    return [BUNDLED, *FCN_MODELS, *TORCHVISION_MODELS]
-
-
-def architecture_for(name: str) -> dict:
-    """The architecture dict of a registry name ("fcn8s_resnet18", "deeplabv3_resnet50", ...)."""
-    if name in TORCHVISION_MODELS:
-        return {"family": "torchvision", "name": name}
-    variant, _, backbone = name.partition("_")
-    if variant in VARIANTS and backbone in BACKBONES:
-        return {"family": "fcn", "variant": variant, "backbone": backbone}
-    raise ModelUnavailableError(f"unknown model {name!r}; available: {', '.join(available_models())}")
 
 
 def build_network(architecture: dict, num_classes: int, weights: str | None = None) -> nn.Module:
@@ -147,39 +103,6 @@ def load_model(
     return LoadedModel(net, info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
 
 
-def fetch_weights(model: str | None, weights: str | None) -> None:
-    """Bring torchvision weights into the torch hub cache now (a no-op when cached or not asked for).
-
-    Model actors load them again from the cache; fetching first in the driver turns an
-    offline machine's failure into one clear error before any work starts.
-    """
-    if model not in TORCHVISION_MODELS or not weights or weights.lower() == "none":
-        return
-    chosen = _torchvision_weights(model, weights)
-    try:
-        torch.hub.load_state_dict_from_url(chosen.url, progress=False, check_hash=False, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise _weights_unavailable(model, chosen, exc) from None
-
-
-def _weights_unavailable(model: str, chosen, exc: Exception) -> ModelUnavailableError:
-    """The one-line error for torchvision weights that are neither cached nor downloadable."""
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ModelUnavailableError(
-        f"{model} weights {chosen.name} are not in the torch hub cache ({torch.hub.get_dir()}) and "
-        f"could not be downloaded ({reason}). Alternatives: the bundled model (omit --model), "
-        f"--checkpoint URL, or --weights none for an untrained network"
-    )
-
-
-def _resolve_bundled(model: str | None, checkpoint: str | None) -> str | None:
-    if checkpoint is None and model in (None, BUNDLED):
-        if not BUNDLED_CHECKPOINT.exists():
-            raise ModelUnavailableError(f"the bundled model {BUNDLED_CHECKPOINT} is missing from this install")
-        return str(BUNDLED_CHECKPOINT)
-    return checkpoint
-
-
 def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
     state_dict, meta, sha = read_checkpoint(url, storage_options)
     try:
@@ -193,19 +116,6 @@ def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"{url}: weights do not fit {architecture}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return LoadedModel(net.eval(), labels, tuple(norm["mean"]), tuple(norm["std"]), architecture, sha[:16], meta)
-
-
-def _torchvision_weights(name: str, weights: str):
-    enum = torchvision.models.get_model_weights(name)
-    try:
-        return enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
-    except KeyError:
-        names = ", ".join(w.name for w in enum)
-        raise ModelUnavailableError(f"{name}: unknown weights {weights!r}; choose DEFAULT, none, or one of: {names}") from None
-
-
-def _labels_for(categories: list[str]) -> LabelSet:
-    return VOC if categories == list(VOC.classes) else _numbered_labels(len(categories))
 
 
 def _from_torchvision_weights(name: str, info: ModelInfo, weights: str) -> LoadedModel:
@@ -256,11 +166,3 @@ ARCHITECTURES: dict[str, Callable[[dict, int, str | None], nn.Module]] = {
 }
 
 
-def _numbered_labels(n: int) -> LabelSet:
-    from models.labels import _voc_palette
-
-    return LabelSet(name=f"classes{n}", classes=tuple(f"class{i}" for i in range(n)), palette=_voc_palette(n))
-
-
-def _digest(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

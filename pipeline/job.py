@@ -109,7 +109,7 @@ def list_stage(cfg: SegmentConfig) -> pa.Table:
 
 def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     """Compare the manifest with OUTPUT and cut the work into shards."""
-    from models.registry import describe_model
+    from models.catalog import describe_model
 
     t0 = time.perf_counter()
     m = cfg.model

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 from pipeline.config import CRFParams, LabelPairing
 from pipeline.crf import refine_with_crf
 from pipeline.masks import encode_mask
@@ -67,8 +64,12 @@ def probabilities_from_logits(logits: np.ndarray, height: int, width: int) -> np
     """(C, h, w) low-resolution logits -> (C, H, W) float32 softmax probabilities.
 
     The upsampling is the registry contract's: bilinear, align_corners=False, exactly
-    what the network's own `forward` does.
+    what the network's own `forward` does. (torch is imported here, in the worker, not
+    when the driver imports this module: see models/catalog.py.)
     """
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None]
     if t.shape[-2:] != (height, width):
         t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
@@ -97,6 +98,8 @@ def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def warm_up() -> int:
     """A no-op task that makes a CRF worker process import torch and pydensecrf ahead of work."""
+    import torch
+
     torch.set_num_threads(1)
     return 0
 
@@ -110,6 +113,8 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
         from pipeline.storage import use_storage_environment
 
         use_storage_environment(ctx.storage_env)
+    import torch
+
     torch.set_num_threads(1)  # one CRF task per core: intra-op threads would oversubscribe
     try:
         return _refine(item, ctx, base)
