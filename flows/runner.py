@@ -13,10 +13,9 @@ def preflight(cfg: SegmentConfig) -> None:
     """Check what the user named before any flow runs, so mistakes cost one line.
 
     INPUT (and LABELS) must exist, and the model must resolve: a registry name, a readable
-    checkpoint, torchvision weights that are cached or downloadable. The model check
-    imports torch (~3 s); meanwhile Prefect's temporary server boots and, for a first run,
-    the local Ray starts (both quiet). If the model check fails, that Ray is stopped
-    before the one-line error.
+    checkpoint, torchvision weights that are cached or downloadable. Meanwhile Prefect's
+    temporary server boots and, for a first run, the local Ray starts (both quiet). If
+    the model check fails, that Ray is stopped before the one-line error.
     """
     from pipeline.listing import check_input
 
@@ -80,10 +79,10 @@ def start_ray_for_first_run(cfg: SegmentConfig) -> None:
 def start_ephemeral_api() -> threading.Thread | None:
     """Start Prefect's temporary API server in the background, when no PREFECT_API_URL is set.
 
-    Otherwise the flow's first call starts it and waits ~4 s for it to answer, after
-    preflight has spent ~3 s importing torch: started here, the server boots on another
-    core meanwhile, and the first mask commits that much sooner. The flow then finds
-    the same server (Prefect keeps one per process). Prefect's notices that it starts and
+    Otherwise the flow's first call starts it and waits ~4 s for it to answer: started
+    here, it boots while the driver checks the inputs and imports the flow, and the first
+    mask commits that much sooner. The flow then finds the same server (Prefect keeps one
+    per process). Prefect's notices that it starts and
     stops a temporary server are dropped: a preflight error stays one line.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
