@@ -53,14 +53,13 @@ def ephemeral_server_process() -> subprocess.Popen | None:
 
 
 def _stop_ray(seconds: float) -> None:
-    """`ray.shutdown()` in a helper thread, given `seconds`: the interrupted main thread may
-    hold a lock of Ray's, and a stuck shutdown must not keep the command from ending."""
+    """`stages.stop_ray_driver` in a helper thread, given `seconds`: the interrupted main
+    thread may hold a lock of Ray's, and a stuck shutdown must not keep the command from ending."""
     import threading
 
-    ray = sys.modules.get("ray")
-    if ray is None:
-        return  # (not `ray.is_initialized()`: shutdown also stops the daemons of a start still under way)
-    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    from flows.stages import stop_ray_driver
+
+    stopper = threading.Thread(target=stop_ray_driver, name="ray-shutdown", daemon=True)
     stopper.start()
     stopper.join(seconds)
 
