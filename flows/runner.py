@@ -9,27 +9,35 @@ from pipeline import job
 from pipeline.config import SegmentConfig
 
 
-def preflight(cfg: SegmentConfig) -> None:
+def preflight(cfg: SegmentConfig) -> threading.Thread | None:
     """Check what the user named before any flow runs, so mistakes cost one line.
 
     INPUT (and LABELS) must exist, and the model must resolve: a registry name, a readable
-    checkpoint, torchvision weights that are cached or downloadable. Meanwhile Prefect's
-    temporary server boots and, for a first run, the local Ray starts (both quiet). If
-    the model check fails, that Ray is stopped before the one-line error.
+    checkpoint, torchvision weights that are cached or downloadable. Meanwhile, for a first
+    run, the local Ray starts and Prefect's temporary server boots (both quiet; Ray first,
+    so that its daemons start on the core the driver leaves idle while it imports Prefect's
+    server); once the model has passed, its actors start as soon as Ray is up. If the model
+    check fails, that Ray is stopped before the one-line error.
+
+    Returns the thread starting Prefect's server, for `_wait_for`.
     """
     from pipeline.listing import check_input
 
     check_input(cfg.input, cfg.storage_options)
     if cfg.evaluation is not None:
         check_input(cfg.evaluation.labels, cfg.storage_options)
-    start_ray_for_first_run(cfg)
+    first_run = start_ray_for_first_run(cfg)
     try:
+        api = start_ephemeral_api()
         check_model(cfg)
     except BaseException:
         from pipeline.cluster import stop_background_start
 
         stop_background_start()
         raise
+    if first_run:
+        job.start_model_actors_early(cfg)
+    return api
 
 
 def check_model(cfg: SegmentConfig) -> None:
@@ -41,8 +49,7 @@ def check_model(cfg: SegmentConfig) -> None:
 
 
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
-    api = start_ephemeral_api()
-    preflight(cfg)
+    api = preflight(cfg)
     from flows.segment import run_segment_flow
 
     _wait_for(api)
@@ -52,8 +59,7 @@ def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
 
 
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
-    api = start_ephemeral_api()
-    preflight(cfg)
+    api = preflight(cfg)
     from flows.evaluate import run_evaluate_flow
 
     _wait_for(api)
@@ -63,17 +69,20 @@ def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     return summary, evaluation
 
 
-def start_ray_for_first_run(cfg: SegmentConfig) -> None:
+def start_ray_for_first_run(cfg: SegmentConfig) -> bool:
     """Start the local Ray now, beside Prefect's server, when the job is certain to need it.
 
     A first run into an OUTPUT (no committed shard yet) always has work; a rerun may have
     none, and then starts no Ray at all, so it waits for the plan (`run_shards`).
+    Returns whether it started one.
     """
     from pipeline.cluster import start_local_ray_in_background
     from pipeline.state import has_committed_shards
 
-    if cfg.ray_address is None and not has_committed_shards(cfg.output, cfg.storage_options):
-        start_local_ray_in_background()
+    if cfg.ray_address is not None or has_committed_shards(cfg.output, cfg.storage_options):
+        return False
+    start_local_ray_in_background()
+    return True
 
 
 def start_ephemeral_api() -> threading.Thread | None:

@@ -90,9 +90,11 @@ def start_local_ray_in_background() -> None:
 
 
 def wait_for_background_start() -> None:
+    """Return once a background start has ended (at once if none was begun); safe from several threads."""
     global _background_start
-    if _background_start is not None:
-        _background_start.wait()
+    started = _background_start
+    if started is not None:
+        started.wait()
         _background_start = None
 
 

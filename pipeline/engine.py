@@ -67,36 +67,55 @@ class _OpenShard:
 _STAGE_COLUMNS = ("seconds_read", "seconds_decode", "seconds_infer", "seconds_refine", "seconds_encode")
 
 
+@dataclass(frozen=True)
+class ActorSpec:
+    """What the model actors are built from: the model, how it runs, where they run, storage access.
+
+    Nothing here depends on the plan, so the actors can start before it exists
+    (pipeline/prestart.py); two equal specs give interchangeable actors.
+    """
+
+    model: ModelRef
+    inference: InferenceOptions
+    cluster: ClusterPlan
+    storage_options: dict | None = field(default=None, repr=False)
+    storage_env: dict | None = field(default=None, repr=False)  # the driver's `storage.storage_environment()`
+
+
+def start_model_actors(spec: ActorSpec) -> list:
+    """Create the model actors (`cluster.model_actors` of them); each loads its network in the background."""
+    import ray
+
+    actor_class = ray.remote(ModelWorker).options(
+        num_cpus=spec.cluster.model_num_cpus,
+        num_gpus=spec.cluster.model_num_gpus,
+        max_restarts=-1,
+        max_task_retries=0,  # segflow retries whole shards itself
+        scheduling_strategy="SPREAD",
+    )
+    return [actor_class.remote(spec.model, spec.inference, spec.storage_options, spec.storage_env) for _ in range(spec.cluster.model_actors)]
+
+
 class ShardExecutor:
     """Runs shards to completion on a connected Ray cluster."""
 
     def __init__(
         self,
-        model: ModelRef,
-        inference: InferenceOptions,
-        cluster: ClusterPlan,
+        spec: ActorSpec,
         refine_context: RefineContext,
         output: str,
         file_metadata: dict,
         max_in_flight: int | None = None,
         max_attempts: int = 3,
-        storage_options: dict | None = None,
-        storage_env: dict | None = None,
+        actors: list | None = None,
     ):
-        """`storage_env`: the driver's `storage.storage_environment()`, for the model actors."""
+        """`actors`: model actors already started from `spec` (`start_model_actors`); by default it starts them."""
         import ray
 
         self._ray = ray
-        actor_class = ray.remote(ModelWorker).options(
-            num_cpus=cluster.model_num_cpus,
-            num_gpus=cluster.model_num_gpus,
-            max_restarts=-1,
-            max_task_retries=0,  # segflow retries whole shards itself
-            scheduling_strategy="SPREAD",
-        )
+        cluster = spec.cluster
+        self.actors = actors if actors is not None else start_model_actors(spec)
         self.refine_in_actors = cluster.crf_workers == 0
-        in_actor = refine_context if self.refine_in_actors else None
-        self.actors = [actor_class.remote(model, inference, storage_options, storage_env, in_actor) for _ in range(cluster.model_actors)]
         self._probes: list = [None] * len(self.actors)  # per actor: readiness probe in flight after a failure
         self._refine_item = ray.remote(refine_item)
         self._refine_options = {"num_cpus": cluster.crf_num_cpus, "max_retries": 3}
@@ -107,7 +126,7 @@ class ShardExecutor:
         self.evaluating = refine_context.evaluation is not None
         self.output = output
         self.file_metadata = file_metadata
-        self.storage_options = storage_options
+        self.storage_options = spec.storage_options
         self.max_in_flight = max_in_flight or 2 * cluster.model_actors
         self.max_attempts = max_attempts
 
@@ -158,7 +177,8 @@ class ShardExecutor:
         # Tasks are named after their shard: `ps`, `ray list tasks` and the dashboard then show
         # which shard each model actor and CRF worker is on (a process title reads
         # "ray::infer_shard shard-<id>").
-        generator = self.actors[actor].infer_shard.options(name=f"infer_shard shard-{shard.shard_id}").remote(shard)
+        in_actor = self.context if self.refine_in_actors else None
+        generator = self.actors[actor].infer_shard.options(name=f"infer_shard shard-{shard.shard_id}").remote(shard, in_actor)
         return _OpenShard(shard=shard, attempt=attempt, actor=actor, generator=generator)
 
     def _wait_and_advance(self, open_shards: dict[str, _OpenShard], waiting: deque, stats: ExecutionStats) -> list[str]:

@@ -1,7 +1,10 @@
 """The model stage: a Ray actor that loads its network once and streams a shard's logits.
 
-Given a `RefineContext`, the actor also refines each image itself (`refine_item`) and
-streams the image's rows instead: what CPU-only clusters do (see cluster.py).
+Given a `RefineContext` with a shard, the actor also refines each image itself
+(`refine_item`) and streams the image's rows instead: what CPU-only clusters do (see
+cluster.py). The context comes with each call, not with the actor, so an actor depends
+only on the model and how it runs, and can start before the job is planned
+(pipeline/prestart.py).
 
 Per shard, background threads read and decode images while the
 actor's main thread runs the network, so decoding stays off the model's critical path.
@@ -45,14 +48,8 @@ class InferenceOptions:
 class ModelWorker:
     """Holds one network; `infer_shard` is a Ray streaming generator (one item per image)."""
 
-    def __init__(
-        self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None,
-        storage_env: dict | None = None, refine_context=None,
-    ):
-        """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read.
-
-        `refine_context` (a `refine.RefineContext`): refine each image here and yield its rows.
-        """
+    def __init__(self, model: ModelRef, options: InferenceOptions, storage_options: dict | None = None, storage_env: dict | None = None):
+        """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read."""
         import torch
 
         from models.registry import load_model
@@ -60,7 +57,6 @@ class ModelWorker:
         from concurrent.futures import ThreadPoolExecutor
 
         use_storage_environment(storage_env)
-        self.refine_context = refine_context
         # One decode pool for the actor's life. A new pool per shard started new threads,
         # each of which could take a fresh malloc arena that kept the freed memory of its
         # shard's decoded images: the actor's RSS grew ~0.2 MB per image (1,040 -> 1,250
@@ -88,17 +84,17 @@ class ModelWorker:
         """The actor's process id (fault-injection tests kill it)."""
         return os.getpid()
 
-    def infer_shard(self, shard: Shard):
+    def infer_shard(self, shard: Shard, refine_context=None):
         """Yield, per image in shard order, an inference result dict or a failure dict
-        (with a refine context: `refine_item`'s rows for each image instead).
+        (given a `refine.RefineContext`: `refine_item`'s rows for each image instead).
         """
-        if self.refine_context is None:
+        if refine_context is None:
             yield from self._infer(shard)
             return
         from pipeline.refine import refine_item
 
         for item in self._infer(shard):
-            yield refine_item(item, self.refine_context, shard.shard_id)
+            yield refine_item(item, refine_context, shard.shard_id)
 
     def _infer(self, shard: Shard):
         """Per image in shard order, an inference result dict or a failure dict.

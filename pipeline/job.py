@@ -224,31 +224,51 @@ def _resolve_crf(cfg: SegmentConfig, model_meta: dict) -> CRFParams | None:
     return cfg.crf
 
 
-def _execute(cfg: SegmentConfig, plan: Plan):
-    from models.labels import LabelSet
-    from pipeline.cluster import connect, plan_cluster
-    from pipeline.engine import ShardExecutor
+def start_model_actors_early(cfg: SegmentConfig) -> None:
+    """Start the job's model actors as soon as the local Ray begun in the background is up.
+
+    For a job certain to run shards, whose model has been checked: see pipeline/prestart.py.
+    """
+    from pipeline import prestart
+    from pipeline.cluster import wait_for_background_start
+
+    prestart.begin(lambda: _actor_spec(cfg), wait_for_background_start)
+
+
+def _actor_spec(cfg: SegmentConfig):
+    """The model actors this job needs on the connected cluster."""
+    from pipeline.cluster import plan_cluster
+    from pipeline.engine import ActorSpec
     from pipeline.inference import InferenceOptions
-    from pipeline.progress import ProgressBar
-    from pipeline.refine import DenseCRFRefiner, RefineContext
     from pipeline.storage import storage_environment
 
-    connect(cfg.ray_address)
     cluster = plan_cluster(cfg.device, cfg.model_actors, cfg.crf_workers)
+    autocast = cfg.autocast if cfg.autocast != "auto" else ("bf16" if cluster.device == "cuda" else "off")
+    options = InferenceOptions(
+        device=cluster.device, threads=cluster.model_threads, batch_size=cfg.batch_size, decode_threads=cluster.decode_threads,
+        autocast=autocast, channels_last=cfg.channels_last, compile=cfg.compile, max_pixels=cfg.max_pixels,
+    )
+    # Workers of a cluster that was already running do not have the driver's environment.
+    return ActorSpec(cfg.model, options, cluster, cfg.storage_options, storage_environment())
+
+
+def _execute(cfg: SegmentConfig, plan: Plan):
+    from models.labels import LabelSet
+    from pipeline import prestart
+    from pipeline.cluster import connect
+    from pipeline.engine import ShardExecutor
+    from pipeline.progress import ProgressBar
+    from pipeline.refine import DenseCRFRefiner, RefineContext
+
+    connect(cfg.ray_address)
+    spec = _actor_spec(cfg)
     labels = LabelSet.from_dict(plan.labels)
     fingerprints = {
         "job_fingerprint": plan.job_fingerprint,
         "model_fingerprint": plan.model_fingerprint,
         "crf_fingerprint": plan.crf.fingerprint() if plan.crf is not None else "none",
     }
-    autocast = cfg.autocast if cfg.autocast != "auto" else ("bf16" if cluster.device == "cuda" else "off")
-    options = InferenceOptions(
-        device=cluster.device, threads=cluster.model_threads, batch_size=cfg.batch_size, decode_threads=cluster.decode_threads,
-        autocast=autocast, channels_last=cfg.channels_last, compile=cfg.compile, max_pixels=cfg.max_pixels,
-    )
     pairing = _pairing(cfg, labels)
-    # Workers of a cluster that was already running do not have the driver's environment.
-    storage_env = storage_environment()
     context = RefineContext(
         refiner=DenseCRFRefiner(plan.crf) if plan.crf is not None else None,
         num_classes=labels.num_classes,
@@ -257,13 +277,12 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         evaluation=pairing,
         ignore_index=pairing.ignore_index if pairing is not None else labels.ignore_index,
         storage_options=cfg.storage_options,
-        storage_env=storage_env,
+        storage_env=spec.storage_env,
     )
     metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(plan.crf) if plan.crf else None}
     executor = ShardExecutor(
-        cfg.model, options, cluster, context, cfg.output, metadata,
-        max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, storage_options=cfg.storage_options,
-        storage_env=storage_env,
+        spec, context, cfg.output, metadata,
+        max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, actors=prestart.take(spec),
     )
     try:
         with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:
