@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
 from pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
 
-_SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")
+SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")  # sharding.Shard.file_name; group 1: the shard id
 _STATE_COLUMNS = ["uri", "key", "job_fingerprint", "shard_id"]
 
 
@@ -41,6 +41,33 @@ class ExistingOutputs:
         return {sid for (dataset, sid) in self.files if dataset == MASKS}
 
 
+def shard_files(
+    output: str, storage_options: dict | None = None, datasets: tuple[str, ...] = DATASETS, remove_staging: bool = False
+) -> dict[tuple[str, str], str]:
+    """(dataset, shard_id) -> path of every shard file in OUTPUT's `datasets`, committed or not.
+
+    A shard is committed when its masks file exists; what to make of the others (files of
+    an interrupted commit) is the caller's business. One fresh listing per dataset: this
+    process's cached listings predate what other writers committed since.
+    `remove_staging` deletes staging files of interrupted writes on the way.
+    """
+    fs, _ = filesystem_for(output, storage_options)
+    fs.invalidate_cache()
+    files: dict[tuple[str, str], str] = {}
+    for dataset in datasets:
+        url = dataset_url(output, dataset)
+        _, directory = filesystem_for(url, storage_options)
+        if not with_retries(fs.exists, directory, what=url):
+            continue
+        if remove_staging:
+            clean_staging((fs, directory))
+        for path in with_retries(fs.ls, directory, detail=False, what=url):
+            match = SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                files[(dataset, match.group(1))] = path
+    return files
+
+
 def has_committed_shards(output: str, storage_options: dict | None = None) -> bool:
     """Whether OUTPUT holds any committed shard: one listing of masks/, nothing read.
 
@@ -48,10 +75,7 @@ def has_committed_shards(output: str, storage_options: dict | None = None) -> bo
     error itself surfaces when the run reads OUTPUT).
     """
     try:
-        fs, directory = filesystem_for(dataset_url(output, MASKS), storage_options)
-        if not fs.exists(directory):
-            return False
-        return any(_SHARD_FILE.match(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(directory, detail=False))
+        return bool(shard_files(output, storage_options, datasets=(MASKS,)))
     except Exception:  # noqa: BLE001 - see the docstring
         return True
 
@@ -64,18 +88,7 @@ def read_existing(output: str, storage_options: dict | None = None, remove_lefto
     planning stays free of side effects).
     """
     fs, _ = filesystem_for(output, storage_options)
-    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
-    files: dict[tuple[str, str], str] = {}
-    for dataset in DATASETS:
-        _, directory = filesystem_for(dataset_url(output, dataset), storage_options)
-        if not with_retries(fs.exists, directory, what=dataset_url(output, dataset)):
-            continue
-        if remove_leftovers:
-            clean_staging((fs, directory))
-        for path in with_retries(fs.ls, directory, detail=False, what=dataset_url(output, dataset)):
-            match = _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
-            if match:
-                files[(dataset, match.group(1))] = path
+    files = shard_files(output, storage_options, remove_staging=remove_leftovers)
     committed = {sid for (dataset, sid) in files if dataset == MASKS}
     for (dataset, sid), path in list(files.items()):
         if sid not in committed:  # interrupted between its first file and its commit marker

@@ -13,24 +13,20 @@ Invariants:
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url
+from pipeline.commit import ERRORS, MASKS
 from pipeline.masks import decode_mask
+from pipeline.state import shard_files
 from pipeline.storage import filesystem_for, redact
-
-_SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")
-
 
 def verify_output(output: str, input: str | None = None, storage_options: dict | None = None, deep: bool = False) -> list[str]:
     """Return human-readable violations (empty when OUTPUT is sound)."""
     fs, _ = filesystem_for(output, storage_options)
-    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
     problems: list[str] = []
-    files = _shard_files(output, storage_options)
+    files = shard_files(output, storage_options)
     if not files:
         return [f"{redact(output)}: no committed shards (masks/ is empty or missing)"]
     committed = {sid for (dataset, sid) in files if dataset == MASKS}
@@ -73,19 +69,6 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
         extra = sorted(set(uris) - listed_uris)
         problems += [f"{redact(u)}: has a row but is no longer in INPUT (rerun with --prune to remove it)" for u in extra]
     return problems
-
-
-def _shard_files(output: str, storage_options: dict | None) -> dict[tuple[str, str], str]:
-    files = {}
-    for dataset in DATASETS:
-        fs, directory = filesystem_for(dataset_url(output, dataset), storage_options)
-        if not fs.exists(directory):
-            continue
-        for path in fs.ls(directory, detail=False):
-            match = _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])
-            if match:
-                files[(dataset, match.group(1))] = path
-    return files
 
 
 def _check_masks(table, where: str) -> list[str]:
