@@ -40,9 +40,13 @@ def test_plan_scale_lists_and_plans_every_manifest_entry(tmp_path):
     assert result["peak_rss_mib"] > 0 and result["list_and_plan_seconds"] >= 0
 
 
-def testbf16_agreement_check_runs_on_cpu(random_fcn, camvid):
-    from gpu_check import bf16_agreement
-    from inputs import camvid_images
+def test_bf16_masks_of_the_bundled_model_match_fp32_on_995_of_pixels(camvid):
+    """The autocast condition (>= 99.5 % of pixels as in fp32), checked where it can be here:
+    the bundled model under bf16 autocast on the CPU, through the model actor's own code.
+    A GPU's kernels round differently; `bench/run.py --gpu-check` repeats this on CUDA."""
+    from gpu_check import AGREEMENT_TARGET, bf16_agreement
 
-    agreement = bf16_agreement(random_fcn, camvid_images()[:1], "cpu", batch_size=1)
-    assert 0.9 < agreement <= 1.0
+    from pipeline.config import ModelRef
+
+    agreement = bf16_agreement(ModelRef(), sorted((camvid / "val").glob("*.png"))[:8], "cpu", batch_size=4)
+    assert AGREEMENT_TARGET <= agreement < 1.0  # < 1: bf16 did run (fp32 twice would agree everywhere)

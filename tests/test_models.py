@@ -147,3 +147,28 @@ def test_bundled_model_reaches_its_model_card_miou_on_camvid_val(camvid):
     confusion = evaluate(loaded.net, load_folder_pair(camvid / "val", camvid / "valannot"), CAMVID.num_classes, CAMVID.ignore_index)
     assert abs(mean_iou(confusion) - stated) <= 0.005, json.dumps({"measured": mean_iou(confusion), "stated": stated})
     assert np.isfinite(stated) and stated >= 0.5
+
+
+def test_a_compiled_model_actor_gives_the_eager_masks(tmp_path):
+    """`--compile` wraps the network in torch.compile; masks must not change (CPU inductor here)."""
+    import shutil
+
+    from pipeline.config import ModelRef
+    from pipeline.inference import InferenceOptions, ModelWorker
+    from pipeline.sharding import Shard
+    from tests.collection import write_scenes
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C compiler (cc or gcc)")
+    paths = [str(p) for p in write_scenes(tmp_path, 3)]
+    shard = Shard("compile", tuple(paths), ("",) * 3, (None,) * 3)
+    model = ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=0)
+    logits = {}
+    for compiled in (False, True):
+        worker = ModelWorker(model, InferenceOptions(batch_size=3, compile=compiled))
+        assert hasattr(worker.lowres, "_torchdynamo_orig_callable") == compiled  # torch.compile's wrapper, or the plain method
+        logits[compiled] = [item["logits"] for item in worker.infer_shard(shard)]
+    for eager, compiled in zip(logits[False], logits[True]):
+        assert compiled.shape == eager.shape
+        assert (compiled.argmax(0) == eager.argmax(0)).all()
+        assert abs(compiled - eager).max() < 1e-3
