@@ -166,9 +166,15 @@ def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None)
     import ray
 
     resources = ray.cluster_resources()
-    cpus = float(resources.get("CPU", 1))
-    gpus = int(resources.get("GPU", 0))
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    return size_cluster(device, model_actors, crf_workers, float(resources.get("CPU", 1)), int(resources.get("GPU", 0)), nodes)
+
+
+def size_cluster(device: str, model_actors: int | None, crf_workers: int | None, cpus: float, gpus: int, nodes: int = 1) -> ClusterPlan:
+    """The model and CRF pools for a cluster of `cpus` CPUs and `gpus` GPUs (see the module docstring).
+
+    `model_actors` / `crf_workers` None: the defaults for the hardware; `device`: auto, cpu or cuda.
+    """
     if device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
     use_gpu = gpus > 0 and device != "cpu"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import cpu_shares
+from pipeline.cluster import cpu_shares, size_cluster
+from pipeline.errors import ConfigError
 from pipeline.reader import read_masks
 from pipeline.verify import verify_output
 from tests.collection import write_scenes
@@ -106,3 +107,25 @@ def test_cpu_shares_leave_room_for_a_crf_task_beside_every_model_actor(node_cpus
         assert free[node] >= model, "a model actor does not fit"
         free[node] -= model
     assert all(f >= crf for f in free), "a node cannot run a CRF task (with one CPU per node the job would hang)"
+
+
+def test_a_gpu_cluster_gives_each_gpu_a_model_actor_and_every_other_cpu_to_the_crf():
+    """On a GPU the network is ~100x faster and the CRF sets the pace: it gets all the CPUs the
+    model actors do not hold, and the actors the GPU-side decode threads and autocast."""
+    one = size_cluster("auto", None, None, cpus=16, gpus=1)
+    assert (one.device, one.model_actors, one.model_num_gpus, one.crf_workers) == ("cuda", 1, 1.0, 15)
+    assert one.model_num_cpus + one.crf_workers * one.crf_num_cpus <= 16
+    eight = size_cluster("auto", None, None, cpus=128, gpus=8, nodes=2)
+    assert (eight.model_actors, eight.crf_workers, eight.nodes) == (8, 120, 2)
+    assert eight.decode_threads > 1  # decoding must keep a GPU fed too
+
+
+def test_a_cpu_only_cluster_runs_one_refining_model_actor_per_core():
+    plan = size_cluster("auto", None, None, cpus=2, gpus=0)
+    assert (plan.device, plan.model_actors, plan.model_num_cpus, plan.model_threads, plan.crf_workers) == ("cpu", 2, 1.0, 1, 0)
+
+
+def test_device_cpu_leaves_gpus_alone_and_device_cuda_needs_one():
+    assert size_cluster("cpu", None, None, cpus=16, gpus=2).device == "cpu"
+    with pytest.raises(ConfigError, match="--device cuda: the Ray cluster has no GPUs"):
+        size_cluster("cuda", None, None, cpus=16, gpus=0)
