@@ -257,6 +257,36 @@ def test_second_run_into_same_output_waits_for_the_lock_then_fails(prefect_serve
         assert c.read_global_concurrency_limit_by_name(name).limit == 1
 
 
+_HOLD_LOCK = """
+import sys, time
+from flows.locking import output_lock
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_without_a_prefect_server_one_run_per_output_on_this_machine_and_a_killed_holder_frees_it(tmp_path, monkeypatch):
+    """The CLI's default (ephemeral API): an flock on this machine, which the kernel drops with its holder."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("SEGFLOW_LOCK_DIR", str(tmp_path / "locks"))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusyError, match=rf"another segflow run \(pid {holder.pid}\) on this machine is writing"):
+            with output_lock(f"file://{out}/", timeout_seconds=1):  # the same location, written another way
+                pass
+        with output_lock(str(tmp_path / "elsewhere"), timeout_seconds=1):  # other outputs are not blocked
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no exit handler runs, the kernel releases the lock
+        holder.wait()
+    with output_lock(str(out), timeout_seconds=5) as path:
+        assert Path(path).parent == tmp_path / "locks"
+
+
 def test_prefect_yaml_deploys_nightly_reprocess_with_cron_and_limit(prefect_server, tmp_path):
     from prefect.client.schemas.actions import WorkPoolCreate
 
