@@ -381,7 +381,8 @@ def test_cancelling_a_served_run_stops_ray_and_releases_the_output(served):
     def running_shards():
         with client() as c:
             tasks = c.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
-        return any(t.name.startswith("run_shards") and t.state.is_running() for t in tasks)
+        # a task run can be listed before it has its first state
+        return any(t.name.startswith("run_shards") and t.state is not None and t.state.is_running() for t in tasks)
 
     wait_for(running_shards, 240, "the served run to reach run_shards")
     ray_pids = wait_for(lambda: _ray_processes_under(served["proc"].pid), 120, "the served run to start Ray", interval=0.2)
