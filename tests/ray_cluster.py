@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,3 +119,34 @@ def is_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has exited
     except OSError:
         return False
+
+
+class ProcessWatcher:
+    """A background thread that polls the process table while a `with` block runs.
+
+    Subclasses implement `poll()`, called every `poll_s` until the block ends or `done()`.
+    """
+
+    def __init__(self, poll_s: float = 0.02):
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=type(self).__name__, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        return False
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and not self.done():
+            self.poll()
+            self._stop.wait(self.poll_s)

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from pipeline import job
 from pipeline.config import CRFParams, SegmentConfig
 from pipeline.reader import read_errors, read_masks
 from pipeline.verify import verify_output
+from tests.cli import start_segment
 from tests.collection import write_scenes
-from tests.ray_cluster import RayCluster, descendants, is_alive, process_table
+from tests.ray_cluster import ProcessWatcher, RayCluster, descendants, is_alive, process_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_FILE = re.compile(r"^shard-[0-9a-f]{16}\.parquet$")
@@ -138,12 +138,7 @@ def test_ctrl_c_on_the_embedded_default_ends_promptly_and_stops_everything_it_st
     against the stopped server), say how to resume, and leave no process behind."""
     write_scenes(tmp_path / "in", 120)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
-    command = [
-        sys.executable, "-m", "flows.cli", "segment", str(tmp_path / "in"), str(out), "--shard-size", "2",
-        "--model", "fcn8s_resnet18", "--weights", "none", "--num-classes", "11", "--no-progress",
-    ]
-    driver = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = start_segment(tmp_path / "in", out, tmp_path / "prefect", "--shard-size", "2")
     deadline = time.monotonic() + 300
     while not list((out / "masks").glob("shard-*.parquet")):
         assert driver.poll() is None, f"the run ended before any commit: {driver.stderr.read()}"
@@ -172,7 +167,7 @@ def test_ctrl_c_on_the_embedded_default_ends_promptly_and_stops_everything_it_st
 # --- killed workers ----------------------------------------------------------------------
 
 
-class TaskKiller:
+class TaskKiller(ProcessWatcher):
     """A thread that SIGKILLs each new process whose Ray task title is one of `task_names`.
 
     At most `limit` processes (None: every one, e.g. each restart of an actor that takes the
@@ -180,28 +175,20 @@ class TaskKiller:
     """
 
     def __init__(self, task_names: list[str], limit: int | None = 1, poll_s: float = 0.005):
+        super().__init__(poll_s)
         self.titles = {f"ray::{name}" for name in task_names}
-        self.limit, self.poll_s = limit, poll_s
+        self.limit = limit
         self.killed: list[tuple[int, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="task killer", daemon=True)
 
-    def __enter__(self) -> "TaskKiller":
-        self._thread.start()
-        return self
+    def done(self) -> bool:
+        return self.limit is not None and len(self.killed) >= self.limit
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set() and (self.limit is None or len(self.killed) < self.limit):
-            for pid, title in _processes_titled(self.titles).items():
-                if pid not in {p for p, _ in self.killed}:
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed.append((pid, title))
-                    break
-            self._stop.wait(self.poll_s)
+    def poll(self) -> None:
+        for pid, title in _processes_titled(self.titles).items():
+            if pid not in {p for p, _ in self.killed}:
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append((pid, title))
+                break
 
 
 def _processes_titled(titles: set[str]) -> dict[int, str]:

@@ -268,23 +268,26 @@ with output_lock(sys.argv[1]):
 
 def test_without_a_prefect_server_one_run_per_output_on_this_machine_and_a_killed_holder_frees_it(tmp_path, monkeypatch):
     """The CLI's default (ephemeral API): an flock on this machine, which the kernel drops with its holder."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.setenv("SEGFLOW_LOCK_DIR", str(tmp_path / "locks"))
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputBusyError, match=rf"another segflow run \(pid {holder.pid}\) on this machine is writing"):
-            with output_lock(f"file://{out}/", timeout_seconds=1):  # the same location, written another way
+    # no server in this process either (this module's prefect_server fixture may have set one)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(OutputBusyError, match=rf"another segflow run \(pid {holder.pid}\) on this machine is writing"):
+                with output_lock(f"file://{out}/", timeout_seconds=1):  # the same location, written another way
+                    pass
+            with output_lock(str(tmp_path / "elsewhere"), timeout_seconds=1):  # other outputs are not blocked
                 pass
-        with output_lock(str(tmp_path / "elsewhere"), timeout_seconds=1):  # other outputs are not blocked
-            pass
-    finally:
-        holder.kill()  # SIGKILL: no exit handler runs, the kernel releases the lock
-        holder.wait()
-    with output_lock(str(out), timeout_seconds=5) as path:
-        assert Path(path).parent == tmp_path / "locks"
+        finally:
+            holder.kill()  # SIGKILL: no exit handler runs, the kernel releases the lock
+            holder.wait()
+        with output_lock(str(out), timeout_seconds=5) as path:
+            assert Path(path).parent == tmp_path / "locks"
 
 
 def test_prefect_yaml_deploys_nightly_reprocess_with_cron_and_limit(prefect_server, tmp_path):

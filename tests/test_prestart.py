@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,9 @@ import pytest
 from pipeline import engine, job, prestart
 from pipeline.config import ModelRef, SegmentConfig
 from pipeline.reader import read_masks
+from tests.cli import start_segment
 from tests.collection import write_scenes
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.ray_cluster import ProcessWatcher
 
 
 def _config(input, output, model) -> SegmentConfig:
@@ -64,12 +61,7 @@ def test_a_first_run_on_the_command_line_starts_one_set_of_model_actors(tmp_path
     spec the early actors were started from, or every first run would start its actors twice."""
     write_scenes(tmp_path / "in", 8)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
-    command = [
-        sys.executable, "-m", "flows.cli", "segment", str(tmp_path / "in"), str(out), "--model-actors", "1",
-        "--model", "fcn8s_resnet18", "--weights", "none", "--num-classes", "11", "--no-progress",
-    ]
-    driver = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = start_segment(tmp_path / "in", out, tmp_path / "prefect", "--model-actors", "1", stdout=subprocess.PIPE)
     watcher = ModelActorWatcher(session=driver.pid)
     with watcher:
         stdout, stderr = driver.communicate(timeout=300)
@@ -78,32 +70,21 @@ def test_a_first_run_on_the_command_line_starts_one_set_of_model_actors(tmp_path
     assert len(watcher.pids) == 1, f"model actor processes: {watcher.pids}"
 
 
-class ModelActorWatcher:
+class ModelActorWatcher(ProcessWatcher):
     """Records the pid of every model actor process of a session while the block runs."""
 
     def __init__(self, session: int):
+        super().__init__()
         self.session, self.pids = session, set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> "ModelActorWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            for name in os.listdir("/proc"):
-                if name.isdigit() and int(name) not in self.pids:
-                    try:
-                        title = Path(f"/proc/{name}/cmdline").read_bytes()
-                        in_session = os.getsid(int(name)) == self.session
-                    except OSError:
-                        continue
-                    # an actor's title is its class while idle and its task's name while busy
-                    if in_session and title.startswith((b"ray::ModelWorker", b"ray::infer_shard")):
-                        self.pids.add(int(name))
-            time.sleep(0.02)
+    def poll(self) -> None:
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) not in self.pids:
+                try:
+                    title = Path(f"/proc/{name}/cmdline").read_bytes()
+                    in_session = os.getsid(int(name)) == self.session
+                except OSError:
+                    continue
+                # an actor's title is its class while idle and its task's name while busy
+                if in_session and title.startswith((b"ray::ModelWorker", b"ray::infer_shard")):
+                    self.pids.add(int(name))
