@@ -86,7 +86,7 @@ def prefect_server_configured() -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(output: str, timeout_seconds: float | None = None) -> Iterator[str | None]:
+def output_lock(output: str, timeout_seconds: float | None = None) -> Iterator[str]:
     """Hold OUTPUT's slot for the duration of the block; yields the limit's name (the lock file's path without a server).
 
     `timeout_seconds`: how long to wait for another run to finish; None waits as long

@@ -22,6 +22,7 @@ from pipeline.masks import decode_mask
 from pipeline.state import shard_files
 from pipeline.storage import filesystem_for, redact
 
+
 def verify_output(output: str, input: str | None = None, storage_options: dict | None = None, deep: bool = False) -> list[str]:
     """Return human-readable violations (empty when OUTPUT is sound)."""
     fs, _ = filesystem_for(output, storage_options)
