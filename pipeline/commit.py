@@ -13,7 +13,10 @@ interrupted mid-commit; planning removes those leftovers and runs it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,15 +45,50 @@ def commit_shard(
     file_metadata: dict,
     storage_options: dict | None = None,
 ) -> None:
-    """Write a shard's files, commit marker (masks) last. Rows are sorted by uri for stable output."""
+    """Write a shard's files, commit marker (masks) last. Rows are sorted by uri for stable output.
+
+    Ctrl-C and SIGTERM that arrive meanwhile are handled once the marker is written
+    (`_interrupts_held`): an interrupt between the files would leave an interrupted commit.
+    """
     metadata = {b"segflow": json.dumps(file_metadata, sort_keys=True).encode()}
-    if metrics_rows:
-        metrics = pa.Table.from_pylist(sorted(metrics_rows, key=_by_uri), schema=metrics_schema())
-        _commit_table(shard_file_url(output, METRICS, shard_id), metrics, metadata, storage_options)
+    metrics = pa.Table.from_pylist(sorted(metrics_rows, key=_by_uri), schema=metrics_schema()) if metrics_rows else None
     errors = pa.Table.from_pylist(sorted(error_rows, key=_by_uri), schema=ERRORS_SCHEMA)
-    _commit_table(shard_file_url(output, ERRORS, shard_id), errors, metadata, storage_options)
     masks = pa.Table.from_pylist(sorted(mask_rows, key=_by_uri), schema=MASKS_SCHEMA)
-    _commit_table(shard_file_url(output, MASKS, shard_id), masks, metadata, storage_options)
+    with _interrupts_held():
+        if metrics is not None:
+            _commit_table(shard_file_url(output, METRICS, shard_id), metrics, metadata, storage_options)
+        _commit_table(shard_file_url(output, ERRORS, shard_id), errors, metadata, storage_options)
+        _commit_table(shard_file_url(output, MASKS, shard_id), masks, metadata, storage_options)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT and SIGTERM for the block, then deliver them to their own handlers.
+
+    Python runs signal handlers in the main thread between two bytecodes, so an interrupt
+    could end a commit after the errors file and before the masks file. Readers ignore
+    such leftovers and the next run removes them, but nothing is lost by finishing the
+    commit first: its writes take milliseconds on local disk (on an object store, as long as
+its PUTs take). Outside the main thread (where
+    handlers cannot be set, and never run) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed outside Python, and could not be put back
+            held[signum] = handler
+            signal.signal(signum, lambda number, frame: arrived.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 def metrics_schema() -> pa.Schema:

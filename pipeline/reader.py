@@ -5,7 +5,8 @@
     df = read_masks("out/", columns=["uri", "pixel_counts"]).to_pandas()
     mask = load_mask("out/", "/data/img_001.png")   # (H, W) uint8 class ids
 
-Only committed files are read: staging files start with "." and are ignored.
+Only committed shards are read: staging files, and the errors and metrics files of a commit
+that was interrupted before its masks file, are ignored.
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.commit import ERRORS, MASKS, METRICS, dataset_url
+from pipeline.commit import ERRORS, MASKS, METRICS
 from pipeline.masks import decode_mask
 from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from pipeline.state import committed_files
 from pipeline.storage import filesystem_for
 
 
 def open_dataset(output: str, name: str, storage_options: dict | None = None) -> ds.Dataset | None:
-    """The Parquet dataset `name` (masks, errors, metrics) under OUTPUT, or None if absent."""
-    fs, path = filesystem_for(dataset_url(output, name), storage_options)
-    fs.invalidate_cache()  # listings cached by this process predate what other writers committed since
-    if not fs.exists(path):
+    """The Parquet dataset `name` (masks, errors, metrics) of OUTPUT's committed shards, or None if it has none.
+
+    Files of an interrupted commit (errors or metrics without their shard's masks file) and
+    staging files are left out (`state.committed_files`).
+    """
+    paths = committed_files(output, name, storage_options)
+    if not paths:
         return None
-    return ds.dataset(path, filesystem=fs, format="parquet")
+    fs, _ = filesystem_for(output, storage_options)
+    return ds.dataset(paths, filesystem=fs, format="parquet")
 
 
 def read_masks(output: str, columns: list[str] | None = None, filter=None, storage_options: dict | None = None) -> pa.Table:

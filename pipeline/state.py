@@ -68,6 +68,18 @@ def shard_files(
     return files
 
 
+def committed_files(output: str, dataset: str, storage_options: dict | None = None) -> list[str]:
+    """Paths of `dataset`'s files (masks, errors or metrics) that belong to committed shards, sorted.
+
+    What readers read: a shard's errors and metrics count only once its masks file, the
+    commit marker, exists. Files an interrupted commit left behind are not results (the
+    next run removes them and redoes the shard), so no reader may show their rows.
+    """
+    files = shard_files(output, storage_options, datasets=tuple(dict.fromkeys((MASKS, dataset))))
+    committed = {sid for (kind, sid) in files if kind == MASKS}
+    return sorted(path for (kind, sid), path in files.items() if kind == dataset and sid in committed)
+
+
 def has_committed_shards(output: str, storage_options: dict | None = None) -> bool:
     """Whether OUTPUT holds any committed shard: one listing of masks/, nothing read.
 

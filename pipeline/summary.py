@@ -21,8 +21,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from models.labels import LabelSet
+from pipeline.commit import METRICS
 from pipeline.errors import InputError
 from pipeline.metrics import MetricTotals, count_columns, metric_schema
+from pipeline.state import committed_files
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
@@ -42,18 +44,18 @@ def summarise_metrics(
     -> the summary dict (see `metrics.MetricTotals.compute`) plus "classes", "label_set",
     "worst_images" and "best_images" (each up to `extremes` dicts with uri, label_uri,
     raw_miou, crf_miou, ranked by the final mask's per-image mIoU: crf when it ran, else raw).
-    Raises InputError when OUTPUT holds no metrics dataset.
+    Raises InputError when OUTPUT holds no metrics of committed shards.
     """
     options = storage_options or {}
-    fs, root = fsspec.core.url_to_fs(output_url, **options)
-    root = root.rstrip("/")
-    if not fs.isdir(f"{root}/metrics"):
-        raise InputError(f"{output_url.rstrip('/')}/metrics: no metrics dataset here; "
-                         "`segflow evaluate` writes it (`segment` does not)")
+    fs, _ = fsspec.core.url_to_fs(output_url, **options)
+    paths = committed_files(output_url, METRICS, options)  # an interrupted commit's metrics are not results
+    if not paths:
+        raise InputError(f"{output_url.rstrip('/')}/metrics: no metrics of committed shards here; "
+                         "`segflow evaluate` writes them (`segment` does not)")
     # An explicit schema makes shards agree even when one was written with all-null crf
     # columns (inferred as type null) and lets older files lack a column.
     columns = [*RANK_COLUMNS, *count_columns()]
-    dataset = ds.dataset(f"{root}/metrics", filesystem=fs, format="parquet", schema=_read_schema(columns))
+    dataset = ds.dataset(paths, filesystem=fs, format="parquet", schema=_read_schema(columns))
     totals = MetricTotals(label_set.num_classes if label_set else None)
     ranking = ImageRanking(extremes)
     for batch in dataset.to_batches(columns=columns, batch_size=batch_size):

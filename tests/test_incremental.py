@@ -255,3 +255,39 @@ def test_has_committed_shards_sees_only_commit_markers(tmp_path):
     assert not has_committed_shards(str(out))
     (out / "masks" / "shard-0123456789abcdef.parquet").write_bytes(b"x")
     assert has_committed_shards(str(out))
+
+
+def test_readers_skip_the_files_of_an_interrupted_commit(tmp_path):
+    """A run killed between a shard's errors file and its masks file (the commit marker) leaves
+    an errors file whose images are not done: readers must not show its rows as results."""
+    out = str(tmp_path / "out")
+    row = {"uri": "a.png", "key": "1-1", "shard_id": "a" * 16, "stage": "decode", "reason": "truncated", "attempts": 1}
+    commit_shard(out, "a" * 16, [], [row], None, {})
+    interrupted = tmp_path / "out" / "errors" / f"shard-{'b' * 16}.parquet"
+    interrupted.write_bytes((tmp_path / "out" / "errors" / f"shard-{'a' * 16}.parquet").read_bytes())
+
+    assert read_errors(out, columns=["shard_id"]).column("shard_id").to_pylist() == ["a" * 16]
+    assert any("interrupted commit" in p for p in verify_output(out))  # still reported, until the next run removes it
+
+
+def test_ctrl_c_during_a_commit_lands_once_the_marker_is_written(tmp_path, monkeypatch):
+    import signal
+
+    import pytest
+
+    from pipeline import commit
+
+    write_table = commit._commit_table
+
+    def interrupted_after_errors(url, *args):
+        write_table(url, *args)
+        if "/errors/" in url:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the errors file and the masks file
+            time.sleep(0.2)  # where a handler would run
+
+    monkeypatch.setattr(commit, "_commit_table", interrupted_after_errors)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):  # still delivered, after the commit
+        commit_shard(str(out), "a" * 16, [], [], None, {})
+    assert (out / "masks" / f"shard-{'a' * 16}.parquet").exists()
+    assert verify_output(str(out)) == []

@@ -20,6 +20,7 @@ from pipeline.config import LabelPairing
 from pipeline.errors import InputError, LabelError
 from pipeline.groundtruth import decode_label
 from pipeline.metrics import MetricTotals, aggregate, boundary_f1, image_metrics, metric_schema
+from pipeline.schema import MASKS_SCHEMA
 from pipeline.summary import summarise_metrics
 
 K_CAMVID, VOID_CAMVID = 11, 11
@@ -69,9 +70,9 @@ def test_camvid_confusion_matches_torchvision_reference_to_the_pixel(camvid_labe
 
     # Through Parquet, two shard files, streamed by summarise_metrics.
     uris = [f"img{i}.png" for i in range(len(rows))]
-    (tmp_path / "metrics").mkdir()
-    pq.write_table(rows_table(rows[:4], uris[:4]), tmp_path / "metrics" / "shard-a.parquet")
-    pq.write_table(rows_table(rows[4:], uris[4:]), tmp_path / "metrics" / "shard-b.parquet")
+    fs = fsspec.filesystem("file")
+    commit_metrics_shard(fs, str(tmp_path), "a" * 16, rows_table(rows[:4], uris[:4]))
+    commit_metrics_shard(fs, str(tmp_path), "b" * 16, rows_table(rows[4:], uris[4:]))
     summary = summarise_metrics(tmp_path.as_uri(), label_set=CAMVID)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     assert summary["images_scored"] == summary["images_with_crf"] == 6
@@ -264,9 +265,10 @@ def test_summary_streams_shards_written_without_a_schema_on_any_fsspec_store():
     fs, root = fsspec.core.url_to_fs(output)
     for name, row in (("a", with_crf), ("b", without)):
         table = pa.Table.from_pylist([{"uri": f"{name}.png", "label_uri": f"{name}.label.png", **row, "junk": b"x" * 1000}])
-        with fs.open(f"{root}/metrics/shard-{name}.parquet", "wb") as f:
-            pq.write_table(table, f)
-    assert pq.read_schema(fs.open(f"{root}/metrics/shard-b.parquet")).field("crf_confusion").type == pa.null()
+        commit_metrics_shard(fs, root, name * 16, table)
+    assert pq.read_schema(fs.open(f"{root}/metrics/shard-{'b' * 16}.parquet")).field("crf_confusion").type == pa.null()
+    # an interrupted commit's metrics (no masks file for its shard) are not results
+    fs.pipe(f"{root}/metrics/shard-{'c' * 16}.parquet", fs.cat(f"{root}/metrics/shard-{'a' * 16}.parquet"))
     try:
         summary = summarise_metrics(output, extremes=1)
         assert (summary["images_scored"], summary["images_with_crf"]) == (2, 1)
@@ -279,6 +281,14 @@ def test_summary_streams_shards_written_without_a_schema_on_any_fsspec_store():
         fs.rm(root.rsplit("/", 1)[0], recursive=True)
 
 
+def commit_metrics_shard(fs, root: str, shard_id: str, metrics: pa.Table) -> None:
+    """A committed shard as summarise_metrics reads it: its metrics file and its (empty) masks file, the marker."""
+    for dataset, table in (("metrics", metrics), ("masks", MASKS_SCHEMA.empty_table())):
+        fs.makedirs(f"{root}/{dataset}", exist_ok=True)
+        with fs.open(f"{root}/{dataset}/shard-{shard_id}.parquet", "wb") as f:
+            pq.write_table(table, f)
+
+
 def test_summary_without_metrics_names_the_fix(tmp_path):
-    with pytest.raises(InputError, match="metrics: no metrics dataset here; `segflow evaluate` writes it"):
+    with pytest.raises(InputError, match="metrics: no metrics of committed shards here; `segflow evaluate` writes them"):
         summarise_metrics(tmp_path.as_uri())

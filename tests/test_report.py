@@ -69,8 +69,8 @@ def evaluated_output(tmp_path):
     for name, rows in (("metrics", metrics), ("masks", masks)):
         (tmp_path / name).mkdir()
         schema = pa.schema([("uri", pa.string()), ("label_uri", pa.string()), *metric_schema()]) if name == "metrics" else None
-        pq.write_table(pa.Table.from_pylist(rows[:3], schema=schema), tmp_path / name / "shard-0.parquet")
-        pq.write_table(pa.Table.from_pylist(rows[3:], schema=schema), tmp_path / name / "shard-1.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[:3], schema=schema), tmp_path / name / f"shard-{'0' * 16}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[3:], schema=schema), tmp_path / name / f"shard-{'1' * 16}.parquet")
     return tmp_path
 
 
