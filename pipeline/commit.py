@@ -68,9 +68,9 @@ def _interrupts_held():
     Python runs signal handlers in the main thread between two bytecodes, so an interrupt
     could end a commit after the errors file and before the masks file. Readers ignore
     such leftovers and the next run removes them, but nothing is lost by finishing the
-    commit first: its writes take milliseconds on local disk (on an object store, as long as
-its PUTs take). Outside the main thread (where
-    handlers cannot be set, and never run) this does nothing.
+    commit first: its writes take milliseconds on local disk (on an object store, as long
+    as its PUTs take). Outside the main thread (where handlers cannot be set, and never
+    run) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
