@@ -89,7 +89,7 @@ def start_ephemeral_api() -> threading.Thread | None:
     """Start Prefect's temporary API server in the background, when no PREFECT_API_URL is set.
 
     Otherwise the flow's first call starts it and waits ~4 s for it to answer: started
-    here, it boots while the driver checks the inputs and imports the flow, and the first
+    here, it boots while the driver checks the model and imports the flow, and the first
     mask commits that much sooner. The flow then finds the same server (Prefect keeps one
     per process). Prefect's notices that it starts and
     stops a temporary server are dropped: a preflight error stays one line.
