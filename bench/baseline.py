@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CRFParams
-from pipeline.crf import refine_with_crf
-from pipeline.decode import decode_image
-from pipeline.masks import encode_mask
-from pipeline.refine import probabilities_from_logits
+from segflow.pipeline.config import CRFParams
+from segflow.models.crf.dense import refine_with_crf
+from segflow.pipeline.decode import decode_image
+from segflow.pipeline.masks import encode_mask
+from segflow.pipeline.refine import probabilities_from_logits
 
 KEPT_MASKS = 32  # full masks kept for a pixel-level comparison; the rest by hash only
 
@@ -40,7 +40,7 @@ class Model:
 
     @classmethod
     def load(cls, ref) -> "Model":
-        from models.registry import load_model
+        from segflow.models.registry import load_model
 
         loaded = load_model(ref.model, ref.checkpoint, ref.weights, ref.num_classes, ref.seed)
         mean = torch.tensor(loaded.mean).view(1, 3, 1, 1) * 255

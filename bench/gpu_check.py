@@ -59,7 +59,7 @@ def gpu_check(model_ref, images: int = 64, batch_size: int = 8, compile: bool = 
 def _worker(model_ref, device: str, batch_size: int, autocast: str, compile: bool = False):
     import torch
 
-    from pipeline.inference import InferenceOptions, ModelWorker
+    from segflow.pipeline.inference import InferenceOptions, ModelWorker
 
     options = InferenceOptions(
         device=device, threads=torch.get_num_threads(), batch_size=batch_size, decode_threads=4, autocast=autocast, compile=compile
@@ -68,7 +68,7 @@ def _worker(model_ref, device: str, batch_size: int, autocast: str, compile: boo
 
 
 def _shard(paths: list[Path]):
-    from pipeline.sharding import Shard
+    from segflow.pipeline.sharding import Shard
 
     uris = tuple(str(p) for p in paths)
     return Shard("gpu-check", uris, tuple("" for _ in uris), tuple(None for _ in uris))
@@ -92,7 +92,7 @@ def _bare_loop_rate(model_ref, device: str, batch_size: int, height: int, width:
     """Images/s of the network alone on a resident synthetic batch: the ceiling."""
     import torch
 
-    from models.registry import load_model
+    from segflow.models.registry import load_model
 
     net = load_model(model_ref.model, model_ref.checkpoint, model_ref.weights, model_ref.num_classes, model_ref.seed).net
     net = net.to(device).eval()
@@ -125,7 +125,7 @@ def bf16_agreement(model_ref, paths: list[Path], device: str, batch_size: int) -
 
 def _mask(item: dict) -> np.ndarray:
     """The pipeline's raw mask of a model-stage item: argmax of the upsampled logits."""
-    from pipeline.refine import probabilities_from_logits
+    from segflow.pipeline.refine import probabilities_from_logits
 
     _raise_failure(item)
     height, width = item["rgb"].shape[:2]

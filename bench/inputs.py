@@ -63,8 +63,8 @@ def _render_scenes(count: int, folder: Path) -> list[Path]:
 def choose_model(checkpoint: str | None = None, model: str = "auto", weights: str = "none", num_classes: int = 11):
     """--checkpoint, else --model; "auto" is the bundled model once it exists, else an FCN-8s
     ResNet-18 with random weights (same architecture and cost; its masks are not segmentations)."""
-    from models.catalog import BUNDLED_CHECKPOINT  # torch-free, like the driver it stands in for
-    from pipeline.config import ModelRef
+    from segflow.models.catalog import BUNDLED_CHECKPOINT  # torch-free, like the driver it stands in for
+    from segflow.pipeline.config import ModelRef
 
     if checkpoint:
         return ModelRef(checkpoint=checkpoint)

@@ -90,8 +90,8 @@ def _write_parquet_manifest(path: Path, entries: int) -> Path:
 
 def _measure(spec: dict) -> dict:
     """In the fresh child: build the input if it is memory://, then time list_stage + plan_stage."""
-    from pipeline import job
-    from pipeline.config import SegmentConfig
+    from segflow.pipeline import job
+    from segflow.pipeline.config import SegmentConfig
 
     sys.path.insert(0, str(REPO / "bench"))
     from inputs import choose_model  # the bundled model when it exists, else a random-weight FCN-8s

@@ -43,7 +43,7 @@ def agreement(output: str, base) -> dict:
     import pyarrow.dataset as ds
 
     from baseline import mask_hash
-    from pipeline.masks import decode_mask
+    from segflow.pipeline.masks import decode_mask
 
     rows = ds.dataset(f"{output}/masks", format="parquet").to_table(columns=["uri", "mask"]).to_pylist()
     by_name = {Path(u).name: m for u, m in base.mask_hashes.items()}

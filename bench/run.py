@@ -7,7 +7,7 @@
 One run prepares N image files, then
   1. runs the plain sequential baseline over them (`baseline.run_baseline`) and times the
      model and the CRF alone, single-threaded, in CPU seconds (`baseline.measure_alone`);
-  2. runs the real pipeline (`pipeline.job.run_segment`, a real local Ray) in a fresh
+  2. runs the real pipeline (`segflow.pipeline.job.run_segment`, a real local Ray) in a fresh
      child process, so that startup is measured from a cold interpreter, while a sampling
      thread here follows the child's process tree (CPU seconds by role, peak RSS);
   3. reads the committed masks back: per-stage seconds from their seconds_* columns, and
@@ -58,7 +58,7 @@ def benchmark(args, baseline: bool = True) -> dict:
     import numpy as np
 
     from inputs import prepare_images
-    from pipeline import job
+    from segflow.pipeline import job
 
     with tempfile.TemporaryDirectory(prefix="segflow-bench-", dir=args.work_dir) as tmp:
         paths = prepare_images(args.source, args.images, Path(tmp) / "images")
@@ -67,7 +67,7 @@ def benchmark(args, baseline: bool = True) -> dict:
         report = {"machine": report_module.machine(), "run": _describe_run(args, cfg, plan, paths), "load_before": report_module.machine_load(2.0)}
         if baseline and not args.no_baseline:
             from baseline import Model, measure_alone, run_baseline
-            from models.labels import LabelSet
+            from segflow.models.labels import LabelSet
 
             model = Model.load(cfg.model)
             palette = LabelSet.from_dict(plan.labels).flat_palette()
@@ -189,8 +189,8 @@ def memory_check(args) -> dict:
 def _pipeline_child(spec: dict) -> int:
     import resource
 
-    from pipeline.config import CRFParams, ModelRef, SegmentConfig
-    from pipeline.job import run_segment
+    from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+    from segflow.pipeline.job import run_segment
 
     c = dict(spec["config"])
     cfg = SegmentConfig(**{**c, "model": ModelRef(**c["model"]), "crf": CRFParams(**c["crf"]) if c["crf"] else None})
@@ -223,7 +223,7 @@ def _model_ref(args):
 
 
 def _config(args, tmp: Path):
-    from pipeline.config import CRFParams, SegmentConfig
+    from segflow.pipeline.config import CRFParams, SegmentConfig
 
     return SegmentConfig(
         input=str(tmp / "images"),

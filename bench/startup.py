@@ -9,7 +9,7 @@ start, imports, Prefect's temporary server, listing, planning, Ray's start, the 
 actors' start and the first shard's images. Then it presses Ctrl-C (SIGINT to the
 command's process group, as a terminal does) and waits for the command to end, so the
 next trial starts on an idle machine. `bench/run.py` measures the same through
-`pipeline.job.run_segment`, without Prefect; this is the figure a person at a terminal sees.
+`segflow.pipeline.job.run_segment`, without Prefect; this is the figure a person at a terminal sees.
 
 INPUT: CamVid images from ../shared when present, else generated street scenes, 480x360.
 """

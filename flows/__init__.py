@@ -1,7 +1,7 @@
 """segflow's Prefect flows and its command line.
 
-`from flows import segment_flow, evaluate_flow, reprocess_flow` gives the three flows.
-They are loaded on first use, not at import: `flows.cli` lives in this package and
+`from segflow import segment_flow, evaluate_flow, reprocess_flow` gives the three flows.
+They are loaded on first use, not at import: `segflow.flows.cli` lives in this package and
 `segflow train` should not pay for importing Prefect.
 
 Prefect reads its settings from the environment when it is imported, and the ephemeral
@@ -27,9 +27,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 _FLOWS = {
-    "segment_flow": "flows.segment",
-    "evaluate_flow": "flows.evaluate",
-    "reprocess_flow": "flows.reprocess",
+    "segment_flow": "segflow.flows.segment",
+    "evaluate_flow": "segflow.flows.evaluate",
+    "reprocess_flow": "segflow.flows.reprocess",
 }
 
 __all__ = list(_FLOWS)

@@ -6,7 +6,7 @@ one history per output: last night's numbers beside tonight's.
 
 Nothing here may carry credentials. Storage options never reach this module (they are
 not flow parameters, and `RunSummary.output` is already redacted); every location that
-is printed goes through `pipeline.storage.redact`, which drops user:password and query
+is printed goes through `segflow.pipeline.storage.redact`, which drops user:password and query
 strings (signed URLs) from URLs.
 """
 
@@ -17,8 +17,8 @@ import math
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.locking import canonical_output
-from pipeline.storage import redact
+from segflow.flows.locking import canonical_output
+from segflow.pipeline.storage import redact
 
 
 def artifact_key(kind: str, output: str) -> str:

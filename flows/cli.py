@@ -11,13 +11,9 @@ import argparse
 import importlib
 import sys
 
-from pipeline.errors import ConfigError
+from segflow.errors import UsageError
 
 COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule")
-
-
-class UsageError(ConfigError):
-    """A bad flag value or missing input; printed as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"flows.commands.{name}")
+            module = importlib.import_module(f"segflow.flows.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"flows.commands.{name}":
+            if exc.name != f"segflow.flows.commands.{name}":
                 raise
             continue
         module.add_parser(sub)
@@ -37,12 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from flows import interrupt
+    from segflow.flows import interrupt
 
     interrupt.install()
     try:
         if getattr(args, "config", None):
-            from flows.commands.options import apply_config_file
+            from segflow.flows.commands.options import apply_config_file
 
             subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
             apply_config_file(subparser, args.config)
@@ -59,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_facing(exc: Exception) -> bool:
-    from models.checkpoint import CheckpointError
-    from models.catalog import ModelUnavailableError
+    from segflow.models.checkpoint import CheckpointError
+    from segflow.models.catalog import ModelUnavailableError
 
     known: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ModelUnavailableError, FileNotFoundError)
     try:
-        from pipeline.errors import SegflowError
+        from segflow.errors import SegflowError
 
         known += (SegflowError,)
     except ImportError:

@@ -25,11 +25,11 @@ import hashlib
 
 from pydantic_core import to_jsonable_python
 
-from flows.locking import canonical_output, output_limit_name, prefect_server_configured
-from flows.parameters import flow_parameters
-from pipeline.config import SegmentConfig
-from pipeline.errors import ConfigError
-from pipeline.storage import redact
+from segflow.flows.locking import canonical_output, output_limit_name, prefect_server_configured
+from segflow.flows.parameters import flow_parameters
+from segflow.pipeline.config import SegmentConfig
+from segflow.errors import ConfigError
+from segflow.pipeline.storage import redact
 
 DEFAULT_TIMEZONE = "UTC"
 TAGS = ("segflow", "segflow-reprocess")
@@ -58,7 +58,7 @@ def reprocess_deployment(
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
-    from flows.reprocess import reprocess_flow
+    from segflow.flows.reprocess import reprocess_flow
 
     if cfg.evaluation is not None:
         raise ConfigError("scheduled runs reprocess masks; schedule evaluations with prefect.yaml and segflow-evaluate")

@@ -8,11 +8,11 @@ run's artifacts add mIoU without and with the CRF, per class, and a link to the 
 
 from prefect import flow
 
-from flows.parameters import Execution, Pairing, flow_parameters, run_name, segment_config, storage_options_scope
-from flows.stages import run_job
-from pipeline.config import CRFParams, ModelRef, SegmentConfig
-from pipeline.errors import ConfigError
-from pipeline.job import RunSummary
+from segflow.flows.parameters import Execution, Pairing, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.stages import run_job
+from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+from segflow.errors import ConfigError
+from segflow.pipeline.job import RunSummary
 
 
 @flow(name="segflow-evaluate", flow_run_name=run_name("evaluate"), validate_parameters=True)

@@ -57,7 +57,7 @@ def _stop_ray(seconds: float) -> None:
     thread may hold a lock of Ray's, and a stuck shutdown must not keep the command from ending."""
     import threading
 
-    from flows.stages import stop_ray_driver
+    from segflow.flows.stages import stop_ray_driver
 
     stopper = threading.Thread(target=stop_ray_driver, name="ray-shutdown", daemon=True)
     stopper.start()

@@ -42,8 +42,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import ConfigError, SegflowError
-from pipeline.storage import filesystem_for, to_uri
+from segflow.errors import ConfigError, SegflowError
+from segflow.pipeline.storage import filesystem_for, to_uri
 
 LEASE_SECONDS = 300.0
 LIMIT_PREFIX = "segflow-output-"
@@ -56,7 +56,7 @@ class OutputBusyError(SegflowError):
 
 
 def canonical_output(output: str) -> str:
-    """The location as one string however it was written (`pipeline.storage.to_uri`: absolute, no trailing slash).
+    """The location as one string however it was written (`segflow.pipeline.storage.to_uri`: absolute, no trailing slash).
 
     Without the driver for its protocol (gcsfs on a machine that only schedules), the
     URL as given, less any trailing slash.

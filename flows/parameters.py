@@ -29,8 +29,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
-from pipeline.errors import ConfigError
+from segflow.pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.errors import ConfigError
 
 
 def _default(cls, name: str):

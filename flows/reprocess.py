@@ -10,10 +10,10 @@ OUTPUT instead of failing). `flows/deploy.py` puts it on a cron schedule.
 
 from prefect import flow
 
-from flows.parameters import Execution, run_name, segment_config
-from flows.stages import run_job
-from pipeline.config import CRFParams, ModelRef
-from pipeline.job import RunSummary
+from segflow.flows.parameters import Execution, run_name, segment_config
+from segflow.flows.stages import run_job
+from segflow.pipeline.config import CRFParams, ModelRef
+from segflow.pipeline.job import RunSummary
 
 
 @flow(name="segflow-reprocess", flow_run_name=run_name("reprocess"), validate_parameters=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from pipeline import job
-from pipeline.config import SegmentConfig
+from segflow.pipeline import job
+from segflow.pipeline.config import SegmentConfig
 
 
 def preflight(cfg: SegmentConfig) -> threading.Thread | None:
@@ -21,7 +21,7 @@ def preflight(cfg: SegmentConfig) -> threading.Thread | None:
 
     Returns the thread starting Prefect's server, for `_wait_for`.
     """
-    from pipeline.listing import check_input
+    from segflow.pipeline.listing import check_input
 
     check_input(cfg.input, cfg.storage_options)
     if cfg.evaluation is not None:
@@ -31,7 +31,7 @@ def preflight(cfg: SegmentConfig) -> threading.Thread | None:
         api = start_ephemeral_api()
         check_model(cfg)
     except BaseException:
-        from pipeline.cluster import stop_background_start
+        from segflow.pipeline.cluster import stop_background_start
 
         stop_background_start()
         raise
@@ -41,7 +41,7 @@ def preflight(cfg: SegmentConfig) -> threading.Thread | None:
 
 
 def check_model(cfg: SegmentConfig) -> None:
-    from models.catalog import describe_model, fetch_weights
+    from segflow.models.catalog import describe_model, fetch_weights
 
     m = cfg.model
     describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
@@ -50,7 +50,7 @@ def check_model(cfg: SegmentConfig) -> None:
 
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
     api = preflight(cfg)
-    from flows.segment import run_segment_flow
+    from segflow.flows.segment import run_segment_flow
 
     _wait_for(api)
     summary = run_segment_flow(cfg)
@@ -60,7 +60,7 @@ def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
 
 def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     api = preflight(cfg)
-    from flows.evaluate import run_evaluate_flow
+    from segflow.flows.evaluate import run_evaluate_flow
 
     _wait_for(api)
     summary, evaluation = run_evaluate_flow(cfg)
@@ -76,8 +76,8 @@ def start_ray_for_first_run(cfg: SegmentConfig) -> bool:
     none, and then starts no Ray at all, so it waits for the plan (`run_shards`).
     Returns whether it started one.
     """
-    from pipeline.cluster import start_local_ray_in_background
-    from pipeline.state import has_committed_shards
+    from segflow.pipeline.cluster import start_local_ray_in_background
+    from segflow.pipeline.state import has_committed_shards
 
     if cfg.ray_address is not None or has_committed_shards(cfg.output, cfg.storage_options):
         return False

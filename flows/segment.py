@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.parameters import Execution, flow_parameters, run_name, segment_config, storage_options_scope
-from flows.stages import run_job
-from pipeline.config import CRFParams, ModelRef, SegmentConfig
-from pipeline.job import RunSummary
+from segflow.flows.parameters import Execution, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.stages import run_job
+from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+from segflow.pipeline.job import RunSummary
 
 
 @flow(name="segflow-segment", flow_run_name=run_name("segment"), validate_parameters=True)

@@ -33,13 +33,13 @@ from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from flows.artifacts import publish_evaluation, publish_plan, publish_run
-from flows.locking import output_lock
-from pipeline import job
-from pipeline.cluster import connect
-from pipeline.config import SegmentConfig
-from pipeline.errors import SegflowError, StorageError
-from pipeline.storage import redact
+from segflow.flows.artifacts import publish_evaluation, publish_plan, publish_run
+from segflow.flows.locking import output_lock
+from segflow.pipeline import job
+from segflow.pipeline.cluster import connect
+from segflow.pipeline.config import SegmentConfig
+from segflow.errors import SegflowError, StorageError
+from segflow.pipeline.storage import redact
 
 STORAGE_RETRIES = 3
 STORAGE_BACKOFF_SECONDS = 10.0  # 10, 20, 40 s (+ jitter): rides out a storage endpoint's brief outage

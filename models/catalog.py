@@ -3,7 +3,7 @@
 The driver plans a job from this module alone, so it never imports torch: that import
 costs ~3 CPU-seconds, and at startup on a small machine every CPU-second spent in the
 driver delays the first commit. Networks are built (and torch imported) in the model
-actors, by `models.registry`, which re-exports these names.
+actors, by `segflow.models.registry`, which re-exports these names.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.checkpoint import read_checkpoint_meta
-from models.labels import VOC, LabelSet
+from segflow.models.checkpoint import read_checkpoint_meta
+from segflow.models.labels import VOC, LabelSet
 
 TORCHVISION_MODELS = (
     "fcn_resnet50",
@@ -135,7 +135,7 @@ def _labels_for(categories: list[str]) -> LabelSet:
 
 
 def _numbered_labels(n: int) -> LabelSet:
-    from models.labels import _voc_palette
+    from segflow.models.labels import _voc_palette
 
     return LabelSet(name=f"classes{n}", classes=tuple(f"class{i}" for i in range(n)), palette=_voc_palette(n))
 

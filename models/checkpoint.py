@@ -111,7 +111,7 @@ def _safetensors_meta(url: str, data: bytes) -> dict:
     if raw is None:
         raise CheckpointError(
             f"{url}: safetensors file without segflow metadata; it does not say its architecture "
-            "or classes. Save it with models.checkpoint.save_checkpoint"
+            "or classes. Save it with segflow.models.checkpoint.save_checkpoint"
         )
     return json.loads(raw)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models._utils import IntermediateLayerGetter
 
-from models.catalog import BACKBONES, VARIANTS  # noqa: E402,F401 - the names live where the driver can read them without torch
+from segflow.models.catalog import BACKBONES, VARIANTS  # noqa: E402,F401 - the names live where the driver can read them without torch
 
 
 def build_fcn(variant: str, backbone: str, num_classes: int, backbone_weights: str | None = None) -> "FCN":

@@ -13,7 +13,7 @@ CRF-as-RNN head, say) returns it from `lowres_logits` and the upsampling is the 
 New families register a builder in `ARCHITECTURES` under their `family` name; the
 architecture dict stored in a checkpoint is passed back to that builder. Names,
 fingerprints and label sets, which the driver needs without torch, live in
-`models.catalog` and are re-exported here.
+`segflow.models.catalog` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from models.catalog import (  # noqa: F401 - re-exported: the registry answers for both
+from segflow.models.catalog import (  # noqa: F401 - re-exported: the registry answers for both
     BACKBONES,
     BUNDLED,
     BUNDLED_CHECKPOINT,
@@ -43,9 +43,9 @@ from models.catalog import (  # noqa: F401 - re-exported: the registry answers f
     _torchvision_weights,
     _weights_unavailable,
 )
-from models.checkpoint import CheckpointError, read_checkpoint
-from models.fcn import build_fcn
-from models.labels import LabelSet
+from segflow.models.checkpoint import CheckpointError, read_checkpoint
+from segflow.models.fcn import build_fcn
+from segflow.models.labels import LabelSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,7 +107,7 @@ def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
         architecture = meta["architecture"]
         norm = meta.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
     except KeyError as exc:
-        raise CheckpointError(f"{url}: metadata lacks {exc.args[0]!r}; save it with models.checkpoint.save_checkpoint") from None
+        raise CheckpointError(f"{url}: metadata lacks {exc.args[0]!r}; save it with segflow.models.checkpoint.save_checkpoint") from None
     net = build_network(architecture, labels.num_classes)
     missing, unexpected = net.load_state_dict(state_dict, strict=False)
     if missing or unexpected:

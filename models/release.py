@@ -1,6 +1,6 @@
 """Turn a training run's best checkpoint into the bundled model: half precision, scored, CRF tuned.
 
-    python -m models.release --checkpoint BEST --output models/bundled/camvid_fcn8s_resnet18.safetensors \
+    python -m segflow.models.release --checkpoint BEST --output models/bundled/camvid_fcn8s_resnet18.safetensors \
         --val-images ../shared/data/camvid/val --val-labels ../shared/data/camvid/valannot
 
 Steps, all on CamVid val (the split the model was selected on; the test split is not here):
@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import read_checkpoint, save_checkpoint
-from models.data import load_folder_pair
-from models.labels import LabelSet
-from models.registry import load_model
-from pipeline.config import CRFParams
-from pipeline.crf import refine_with_crf
-from pipeline.metrics import confusion_matrix, mean_iou, per_class_iou
-from pipeline.refine import probabilities_from_logits
+from segflow.models.checkpoint import read_checkpoint, save_checkpoint
+from segflow.models.data import load_folder_pair
+from segflow.models.labels import LabelSet
+from segflow.models.registry import load_model
+from segflow.models.crf.dense import CRFParams, refine_with_crf
+from segflow.models.scores import confusion_matrix, mean_iou, per_class_iou
+from segflow.models.probabilities import probabilities_from_logits
 
 GRID = {
     "bilateral_compat": (3.0, 5.0, 10.0),

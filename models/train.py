@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import save_checkpoint
-from models.data import Augmentation, SegmentationSet, batches, load_folder_pair, median_frequency_weights, steps_per_epoch
-from models.labels import label_set
-from models.registry import IMAGENET_MEAN, IMAGENET_STD, architecture_for, build_network
-from pipeline.metrics import confusion_matrix, mean_iou, per_class_iou
+from segflow.models.checkpoint import save_checkpoint
+from segflow.models.data import Augmentation, SegmentationSet, batches, load_folder_pair, median_frequency_weights, steps_per_epoch
+from segflow.models.labels import label_set
+from segflow.models.registry import IMAGENET_MEAN, IMAGENET_STD, architecture_for, build_network
+from segflow.models.scores import confusion_matrix, mean_iou, per_class_iou
 
 
 @dataclass(frozen=True)

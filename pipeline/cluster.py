@@ -31,7 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from pipeline.errors import ConfigError
+from segflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
-from pipeline.storage import commit_file
+from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from segflow.pipeline.storage import commit_file
 
 MASKS, ERRORS, METRICS = "masks", "errors", "metrics"
 DATASETS = (MASKS, ERRORS, METRICS)
@@ -93,7 +93,7 @@ def _interrupts_held():
 
 def metrics_schema() -> pa.Schema:
     """Per-image evaluation rows: identity columns plus `metrics.metric_schema()`."""
-    from pipeline.metrics import metric_schema
+    from segflow.pipeline.evaluation.metrics import metric_schema
 
     identity = [pa.field(n, pa.string()) for n in ("uri", "label_uri", "shard_id", "job_fingerprint")]
     return pa.schema([*identity, *metric_schema()])

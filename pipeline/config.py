@@ -8,49 +8,14 @@ credentials) is not, so tuning the engine never invalidates results.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
-from pipeline.errors import ConfigError
+from segflow.errors import ConfigError
+from segflow.fingerprint import digest  # noqa: F401  (re-exported)
+from segflow.models.crf.dense import CRFParams  # noqa: F401  (re-exported)
 
 DEFAULT_SHARD_SIZE = 64
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb limit, ~ a 7300x5500 photo
-
-
-@dataclass(frozen=True)
-class CRFParams:
-    """Fully connected CRF (Krähenbühl & Koltun) parameters, as pydensecrf2 names them.
-
-    Defaults follow DeepLab's usage with pydensecrf: a smoothness (Gaussian) kernel of
-    3 px and weight 3, and an appearance (bilateral) kernel of 80 px / 13 intensity levels
-    with weight 10, run for 5 mean-field iterations.
-    """
-
-    iterations: int = 5
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-
-    def __post_init__(self):
-        if self.iterations < 1:
-            raise ConfigError(f"CRF iterations must be >= 1, got {self.iterations}; use --no-crf to skip the CRF")
-        for f in fields(self):
-            if f.name != "iterations" and getattr(self, f.name) <= 0:
-                raise ConfigError(f"CRF parameter {f.name} must be > 0, got {getattr(self, f.name)}")
-
-    def fingerprint(self) -> str:
-        return digest({"crf": "densecrf", **asdict(self)})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CRFParams":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown CRF parameters {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 NO_CRF_FINGERPRINT = "none"
@@ -138,8 +103,3 @@ class SegmentConfig:
 
     def crf_fingerprint(self) -> str:
         return self.crf.fingerprint() if self.crf is not None else NO_CRF_FINGERPRINT
-
-
-def digest(obj) -> str:
-    """A short, stable hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ImageDecodeError
+from segflow.errors import ImageDecodeError
 
 # segflow enforces its own, configurable limit before decoding; PIL's global one would
 # warn or raise with a message that does not name the file.

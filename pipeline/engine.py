@@ -26,13 +26,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.cluster import ClusterPlan
-from pipeline.commit import commit_shard
-from pipeline.config import ModelRef
-from pipeline.errors import StorageError
-from pipeline.inference import InferenceOptions, ModelWorker
-from pipeline.refine import RefineContext, refine_item, warm_up
-from pipeline.sharding import Shard
+from segflow.pipeline.cluster import ClusterPlan
+from segflow.pipeline.commit import commit_shard
+from segflow.pipeline.config import ModelRef
+from segflow.errors import StorageError
+from segflow.pipeline.inference import InferenceOptions, ModelWorker
+from segflow.pipeline.refine import RefineContext, refine_item, warm_up
+from segflow.pipeline.sharding import Shard
 
 log = logging.getLogger(__name__)
 

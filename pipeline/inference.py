@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import ModelRef
-from pipeline.decode import decode_image
-from pipeline.errors import ImageError, StorageError
-from pipeline.sharding import Shard
-from pipeline.storage import read_bytes, use_storage_environment
+from segflow.pipeline.config import ModelRef
+from segflow.pipeline.decode import decode_image
+from segflow.errors import ImageError, StorageError
+from segflow.pipeline.sharding import Shard
+from segflow.pipeline.storage import read_bytes, use_storage_environment
 
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -52,7 +52,7 @@ class ModelWorker:
         """`storage_env`: the driver's `storage.storage_environment()`, adopted before the checkpoint is read."""
         import torch
 
-        from models.registry import load_model
+        from segflow.models.registry import load_model
 
         from concurrent.futures import ThreadPoolExecutor
 
@@ -91,7 +91,7 @@ class ModelWorker:
         if refine_context is None:
             yield from self._infer(shard)
             return
-        from pipeline.refine import refine_item
+        from segflow.pipeline.refine import refine_item
 
         for item in self._infer(shard):
             yield refine_item(item, refine_context, shard.shard_id)

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from pipeline.config import CRFParams, SegmentConfig, digest
-from pipeline.errors import InputError
-from pipeline.listing import list_inputs
-from pipeline.sharding import Shard, plan_shards
-from pipeline.state import diff_work, drop_rows, read_existing
-from pipeline.storage import redact
+from segflow.pipeline.config import CRFParams, SegmentConfig, digest
+from segflow.errors import InputError
+from segflow.pipeline.listing import list_inputs
+from segflow.pipeline.sharding import Shard, plan_shards
+from segflow.pipeline.state import diff_work, drop_rows, read_existing
+from segflow.pipeline.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def list_stage(cfg: SegmentConfig) -> pa.Table:
     manifest = list_inputs(cfg.input, cfg.storage_options, content_hash=cfg.content_hash)
     if cfg.evaluation is None:
         return manifest
-    from pipeline.groundtruth import pair_images_with_labels
+    from segflow.pipeline.evaluation.groundtruth import pair_images_with_labels
 
     labels = list_inputs(cfg.evaluation.labels, cfg.storage_options)
     pairs, unpaired_images, unpaired_labels = pair_images_with_labels(
@@ -109,7 +109,7 @@ def list_stage(cfg: SegmentConfig) -> pa.Table:
 
 def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     """Compare the manifest with OUTPUT and cut the work into shards."""
-    from models.catalog import describe_model
+    from segflow.models.catalog import describe_model
 
     t0 = time.perf_counter()
     m = cfg.model
@@ -143,7 +143,7 @@ def run_stage(cfg: SegmentConfig, plan: Plan):
 
     A plan with nothing to do returns at once: no Ray, no reading of OUTPUT.
     """
-    from pipeline.engine import ExecutionStats
+    from segflow.pipeline.engine import ExecutionStats
 
     if not plan.shards and not plan.drop_uris:
         return ExecutionStats()
@@ -188,12 +188,12 @@ def finish_evaluation(cfg: SegmentConfig, plan: Plan) -> dict:
     """Aggregate OUTPUT/metrics into summary.json/.parquet and write report.html; -> the summary."""
     import json
 
-    from models.labels import LabelSet
-    from pipeline.report import write_report
-    from pipeline.storage import commit_file
-    from pipeline.summary import SUMMARY_JSON, summarise_metrics
+    from segflow.models.labels import LabelSet
+    from segflow.pipeline.evaluation.report import write_report
+    from segflow.pipeline.storage import commit_file
+    from segflow.pipeline.evaluation.summary import SUMMARY_JSON, summarise_metrics
 
-    from pipeline.reader import open_dataset, read_errors
+    from segflow.pipeline.reader import open_dataset, read_errors
 
     if open_dataset(cfg.output, "metrics", cfg.storage_options) is None:
         errors = read_errors(cfg.output, columns=["reason"], storage_options=cfg.storage_options).column("reason").to_pylist()
@@ -210,7 +210,7 @@ def finish_evaluation(cfg: SegmentConfig, plan: Plan) -> dict:
 
 def _pairing(cfg: SegmentConfig, labels):
     """The evaluation options with the void value filled in from the label set (CamVid: 11)."""
-    from pipeline.groundtruth import with_label_set_defaults
+    from segflow.pipeline.evaluation.groundtruth import with_label_set_defaults
 
     return with_label_set_defaults(cfg.evaluation, labels) if cfg.evaluation is not None else None
 
@@ -229,18 +229,18 @@ def start_model_actors_early(cfg: SegmentConfig) -> None:
 
     For a job certain to run shards, whose model has been checked: see pipeline/prestart.py.
     """
-    from pipeline import prestart
-    from pipeline.cluster import wait_for_background_start
+    from segflow.pipeline import prestart
+    from segflow.pipeline.cluster import wait_for_background_start
 
     prestart.begin(lambda: _actor_spec(cfg), wait_for_background_start)
 
 
 def _actor_spec(cfg: SegmentConfig):
     """The model actors this job needs on the connected cluster."""
-    from pipeline.cluster import plan_cluster
-    from pipeline.engine import ActorSpec
-    from pipeline.inference import InferenceOptions
-    from pipeline.storage import storage_environment
+    from segflow.pipeline.cluster import plan_cluster
+    from segflow.pipeline.engine import ActorSpec
+    from segflow.pipeline.inference import InferenceOptions
+    from segflow.pipeline.storage import storage_environment
 
     cluster = plan_cluster(cfg.device, cfg.model_actors, cfg.crf_workers)
     autocast = cfg.autocast if cfg.autocast != "auto" else ("bf16" if cluster.device == "cuda" else "off")
@@ -253,12 +253,12 @@ def _actor_spec(cfg: SegmentConfig):
 
 
 def _execute(cfg: SegmentConfig, plan: Plan):
-    from models.labels import LabelSet
-    from pipeline import prestart
-    from pipeline.cluster import connect
-    from pipeline.engine import ShardExecutor
-    from pipeline.progress import ProgressBar
-    from pipeline.refine import DenseCRFRefiner, RefineContext
+    from segflow.models.labels import LabelSet
+    from segflow.pipeline import prestart
+    from segflow.pipeline.cluster import connect
+    from segflow.pipeline.engine import ShardExecutor
+    from segflow.pipeline.progress import ProgressBar
+    from segflow.pipeline.refine import DenseCRFRefiner, RefineContext
 
     connect(cfg.ray_address)
     spec = _actor_spec(cfg)

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.storage import filesystem_for, redact, to_uri, with_retries
+from segflow.errors import ConfigError, InputError
+from segflow.pipeline.storage import filesystem_for, redact, to_uri, with_retries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_SCHEMA = pa.schema([

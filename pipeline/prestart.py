@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future
 from typing import Callable
 
-from pipeline.engine import ActorSpec, start_model_actors
+from segflow.pipeline.engine import ActorSpec, start_model_actors
 
 log = logging.getLogger(__name__)
 

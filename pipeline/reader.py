@@ -1,6 +1,6 @@
 """Reading segflow's outputs: tables as Arrow or pandas, masks as numpy arrays.
 
-    from pipeline.reader import read_masks, read_errors, load_mask
+    from segflow.pipeline.reader import read_masks, read_errors, load_mask
     table = read_masks("out/")                      # pyarrow.Table
     df = read_masks("out/", columns=["uri", "pixel_counts"]).to_pandas()
     mask = load_mask("out/", "/data/img_001.png")   # (H, W) uint8 class ids
@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.commit import ERRORS, MASKS, METRICS
-from pipeline.masks import decode_mask
-from pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
-from pipeline.state import committed_files
-from pipeline.storage import filesystem_for
+from segflow.pipeline.commit import ERRORS, MASKS, METRICS
+from segflow.pipeline.masks import decode_mask
+from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from segflow.pipeline.state import committed_files
+from segflow.pipeline.storage import filesystem_for
 
 
 def open_dataset(output: str, name: str, storage_options: dict | None = None) -> ds.Dataset | None:

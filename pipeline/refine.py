@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from pipeline.config import CRFParams, LabelPairing
-from pipeline.crf import refine_with_crf
-from pipeline.masks import encode_mask
+from segflow.pipeline.config import CRFParams, LabelPairing
+from segflow.models.crf.dense import refine_with_crf
+from segflow.models.probabilities import labels_and_confidence, probabilities_from_logits
+from segflow.pipeline.masks import encode_mask
 
 
 class Refiner(Protocol):
@@ -60,42 +61,6 @@ class RefineContext:
     storage_env: dict | None = field(default=None, repr=False)  # the driver's storage_environment()
 
 
-def probabilities_from_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(C, h, w) low-resolution logits -> (C, H, W) float32 softmax probabilities.
-
-    The upsampling is the registry contract's: bilinear, align_corners=False, exactly
-    what the network's own `forward` does. (torch is imported here, in the worker, not
-    when the driver imports this module: see models/catalog.py.)
-    """
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None]
-    if t.shape[-2:] != (height, width):
-        t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
-    return torch.softmax(t[0], dim=0).numpy()
-
-
-def labels_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C, H, W) probabilities -> (H, W) uint8 argmax and (H, W) float32 max, in one pass.
-
-    Exactly `probs.argmax(0)` (ties go to the first class) and `probs.max(0)`, at ~40% of
-    their cost: numpy's argmax along the leading axis is its slow case (4.3 vs 1.8 ms for
-    11 x 360 x 480 on one core). NaN inputs and more than 256 classes take numpy's path.
-    """
-    if probs.shape[0] > 256:
-        return probs.argmax(axis=0).astype(np.uint8), probs.max(axis=0)
-    best = probs[0].copy()
-    labels = np.zeros(best.shape, np.uint8)
-    for c in range(1, probs.shape[0]):
-        better = probs[c] > best
-        labels[better] = c
-        np.maximum(best, probs[c], out=best)
-    if np.isnan(best).any():
-        return probs.argmax(axis=0).astype(np.uint8), best
-    return labels, best
-
-
 def warm_up() -> int:
     """A no-op task that makes a CRF worker process import torch and pydensecrf ahead of work."""
     import torch
@@ -110,7 +75,7 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     if "failure" in item:
         return {"error": {**base, **item["failure"], "attempts": 1}}
     if ctx.evaluation is not None:  # labels are read here
-        from pipeline.storage import use_storage_environment
+        from segflow.pipeline.storage import use_storage_environment
 
         use_storage_environment(ctx.storage_env)
     import torch
@@ -119,7 +84,7 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     try:
         return _refine(item, ctx, base)
     except Exception as exc:
-        from pipeline.errors import ImageError, StorageError
+        from segflow.errors import ImageError, StorageError
 
         if isinstance(exc, StorageError):
             raise  # an outage says nothing about this image: the shard fails and is retried whole
@@ -162,9 +127,9 @@ def _refine(item: dict, ctx: RefineContext, base: dict) -> dict:
 
 
 def _metrics_row(item: dict, ctx: RefineContext, base: dict, raw: np.ndarray, refined: np.ndarray | None) -> dict:
-    from pipeline.groundtruth import decode_label
-    from pipeline.metrics import image_metrics
-    from pipeline.storage import read_bytes
+    from segflow.pipeline.evaluation.groundtruth import decode_label
+    from segflow.pipeline.evaluation.metrics import image_metrics
+    from segflow.pipeline.storage import read_bytes
 
     label_uri = item["label_uri"]
     label = decode_label(read_bytes(label_uri, ctx.storage_options), label_uri, ctx.evaluation, ctx.num_classes)

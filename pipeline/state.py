@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
-from pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
+from segflow.pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
+from segflow.pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
 
 SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")  # sharding.Shard.file_name; group 1: the shard id
 _STATE_COLUMNS = ["uri", "key", "job_fingerprint", "shard_id"]

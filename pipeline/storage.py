@@ -28,7 +28,7 @@ from typing import Any, Callable, TypeVar, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import ConfigError, ImageReadError, StorageError
+from segflow.errors import ConfigError, ImageReadError, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import ERRORS, MASKS
-from pipeline.masks import decode_mask
-from pipeline.state import shard_files
-from pipeline.storage import filesystem_for, redact
+from segflow.pipeline.commit import ERRORS, MASKS
+from segflow.pipeline.masks import decode_mask
+from segflow.pipeline.state import shard_files
+from segflow.pipeline.storage import filesystem_for, redact
 
 
 def verify_output(output: str, input: str | None = None, storage_options: dict | None = None, deep: bool = False) -> list[str]:
@@ -62,7 +62,7 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
         listed = ", ".join(f"{fp} ({n} files)" for fp, n in fingerprints.most_common())
         problems.append(f"mixed fingerprints: {listed}; rerun the job to bring stale rows up to date")
     if input is not None:
-        from pipeline.listing import list_inputs
+        from segflow.pipeline.listing import list_inputs
 
         listed_uris = set(list_inputs(input, storage_options).column("uri").to_pylist())
         missing = sorted(listed_uris - set(uris))

@@ -37,6 +37,6 @@ def ray_local():
 @pytest.fixture(scope="session")
 def random_fcn():
     """An FCN-8s with seeded random weights: exercises the engine, its masks are NOT segmentations."""
-    from pipeline.config import ModelRef
+    from segflow.pipeline.config import ModelRef
 
     return ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=0)

@@ -46,7 +46,7 @@ def test_bf16_masks_of_the_bundled_model_match_fp32_on_995_of_pixels(camvid):
     A GPU's kernels round differently; `bench/run.py --gpu-check` repeats this on CUDA."""
     from gpu_check import AGREEMENT_TARGET, bf16_agreement
 
-    from pipeline.config import ModelRef
+    from segflow.pipeline.config import ModelRef
 
     agreement = bf16_agreement(ModelRef(), sorted((camvid / "val").glob("*.png"))[:8], "cpu", batch_size=4)
     assert AGREEMENT_TARGET <= agreement < 1.0  # < 1: bf16 did run (fp32 twice would agree everywhere)

@@ -8,10 +8,10 @@ from pydensecrf.utils import unary_from_softmax
 import pytest
 from PIL import Image
 
-from pipeline.config import CRFParams
-from pipeline.refine import DenseCRFRefiner, RefineContext, probabilities_from_logits, refine_item
-from pipeline.masks import decode_mask
-from models.labels import CAMVID
+from segflow.pipeline.config import CRFParams
+from segflow.pipeline.refine import DenseCRFRefiner, RefineContext, probabilities_from_logits, refine_item
+from segflow.pipeline.masks import decode_mask
+from segflow.models.labels import CAMVID
 
 
 def _direct_pydensecrf(rgb, probs, p: CRFParams):
@@ -58,7 +58,7 @@ def test_crf_stage_equals_direct_pydensecrf(image_and_logits, params):
 def test_low_resolution_logits_give_the_networks_own_masks():
     import torch
 
-    from models.fcn import build_fcn
+    from segflow.models.fcn import build_fcn
 
     torch.manual_seed(0)
     net = build_fcn("fcn8s", "resnet18", 11).eval()
@@ -70,7 +70,7 @@ def test_low_resolution_logits_give_the_networks_own_masks():
 
 
 def test_raw_mask_and_confidence_equal_numpy_argmax_and_max():
-    from pipeline.refine import labels_and_confidence
+    from segflow.pipeline.refine import labels_and_confidence
 
     rng = np.random.default_rng(5)
     for classes, scale in ((11, 3.0), (2, 0.01), (40, 50.0), (1, 1.0)):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.registry import BUNDLED_CHECKPOINT
-from pipeline import job
-from pipeline.config import LabelPairing, SegmentConfig
-from pipeline.masks import decode_mask
-from pipeline.reader import read_masks, read_metrics
+from segflow.models.registry import BUNDLED_CHECKPOINT
+from segflow.pipeline import job
+from segflow.pipeline.config import LabelPairing, SegmentConfig
+from segflow.pipeline.masks import decode_mask
+from segflow.pipeline.reader import read_masks, read_metrics
 
 K, VOID = 11, 11
 

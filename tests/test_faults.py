@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import job
-from pipeline.config import CRFParams, SegmentConfig
-from pipeline.reader import read_errors, read_masks
-from pipeline.verify import verify_output
+from segflow.pipeline import job
+from segflow.pipeline.config import CRFParams, SegmentConfig
+from segflow.pipeline.reader import read_errors, read_masks
+from segflow.pipeline.verify import verify_output
 from tests.cli import start_segment
 from tests.collection import write_scenes
 from tests.ray_cluster import ProcessWatcher, RayCluster, descendants, is_alive, process_table
@@ -38,7 +38,7 @@ def _config(input, output, model, **kw) -> SegmentConfig:
 
 def _segment_command(input: Path, output: Path, address: str) -> list[str]:
     return [
-        sys.executable, "-m", "flows.cli", "segment", str(input), str(output), "--shard-size", "2",
+        sys.executable, "-m", "segflow.flows.cli", "segment", str(input), str(output), "--shard-size", "2",
         "--model", "fcn8s_resnet18", "--weights", "none", "--num-classes", "11", "--ray-address", address, "--no-progress",
     ]
 

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.artifacts import artifact_key
-from flows.deploy import deployment_name
-from flows.locking import OutputBusyError, output_limit_name, output_lock
-from flows.parameters import flow_parameters, segment_config, storage_options_scope
-from pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.flows.artifacts import artifact_key
+from segflow.flows.deploy import deployment_name
+from segflow.flows.locking import OutputBusyError, output_limit_name, output_lock
+from segflow.flows.parameters import flow_parameters, segment_config, storage_options_scope
+from segflow.pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
 from tests.prefect_server import prefect_server, wait_for  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def test_deployment_parameters_survive_json_and_flow_validation():
     """What a deployment stores (JSON) validates back into the same config."""
     from pydantic_core import to_jsonable_python
 
-    from flows.evaluate import evaluate_flow
-    from flows.reprocess import reprocess_flow
+    from segflow.flows.evaluate import evaluate_flow
+    from segflow.flows.reprocess import reprocess_flow
 
     cfg = _every_field_changed().with_(storage_options={})
     stored = to_jsonable_python(flow_parameters(cfg))
@@ -137,7 +137,7 @@ def test_one_lock_name_per_output_location(tmp_path):
 def test_schedule_refuses_bad_cron_credentials_and_missing_server(tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.cli import main
+    from segflow.flows.cli import main
 
     base = ["schedule", str(tmp_path / "in"), str(tmp_path / "out"), *RANDOM_FCN_ARGS]
     assert main([*base, "--cron", "every night"]) == 2
@@ -157,7 +157,7 @@ def test_segment_flow_with_random_weights_records_stage_tasks_and_artifact(prefe
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
-    from flows.segment import run_segment_flow
+    from segflow.flows.segment import run_segment_flow
 
     make_images(tmp_path / "in", 4)
     out = tmp_path / "seg-out"
@@ -196,7 +196,7 @@ def test_segment_flow_with_random_weights_records_stage_tasks_and_artifact(prefe
 
 
 def test_evaluate_flow_with_random_weights_publishes_miou_raw_vs_crf_and_report(prefect_server, ray_local, random_fcn, tmp_path):
-    from flows.evaluate import run_evaluate_flow
+    from segflow.flows.evaluate import run_evaluate_flow
 
     images = make_images(tmp_path / "images", 4)
     make_labels(tmp_path / "labels", images)
@@ -218,7 +218,7 @@ def test_evaluate_flow_with_random_weights_publishes_miou_raw_vs_crf_and_report(
 
 
 def test_reprocess_dry_run_publishes_plan_and_writes_nothing(prefect_server, random_fcn, tmp_path):
-    from flows.reprocess import reprocess_flow
+    from segflow.flows.reprocess import reprocess_flow
 
     make_images(tmp_path / "in", 4)
     out = tmp_path / "dry-out"
@@ -229,8 +229,8 @@ def test_reprocess_dry_run_publishes_plan_and_writes_nothing(prefect_server, ran
 
 
 def test_second_run_into_same_output_waits_for_the_lock_then_fails(prefect_server, random_fcn, tmp_path):
-    from flows.locking import ensure_output_limit
-    from flows.segment import segment_flow
+    from segflow.flows.locking import ensure_output_limit
+    from segflow.flows.segment import segment_flow
 
     make_images(tmp_path / "in", 2)
     out = tmp_path / "locked-out"
@@ -259,7 +259,7 @@ def test_second_run_into_same_output_waits_for_the_lock_then_fails(prefect_serve
 
 _HOLD_LOCK = """
 import sys, time
-from flows.locking import output_lock
+from segflow.flows.locking import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -301,7 +301,7 @@ def test_prefect_yaml_deploys_nightly_reprocess_with_cron_and_limit(prefect_serv
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with client() as c:
         d = c.read_deployment_by_name("segflow-reprocess/segflow-nightly-reprocess")
-    assert d.entrypoint == "flows.reprocess.reprocess_flow" and d.work_pool_name == "segflow"
+    assert d.entrypoint == "segflow.flows.reprocess.reprocess_flow" and d.work_pool_name == "segflow"
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [("0 2 * * *", "UTC", True)]
     assert d.global_concurrency_limit.limit == 1 and d.concurrency_options.collision_strategy == "ENQUEUE"
     assert d.parameters == {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")}
@@ -318,7 +318,7 @@ def served(prefect_server, tmp_path_factory):
     out = root / "out"
     log = open(root / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "schedule", str(root / "in"), str(out), "--cron", "0 2 * * *",
+        [sys.executable, "-m", "segflow.flows.cli", "schedule", str(root / "in"), str(out), "--cron", "0 2 * * *",
          "--timezone", "Europe/Paris", *RANDOM_FCN_ARGS, "--shard-size", "2", "--max-shards-in-flight", "1", "--no-progress"],
         cwd=REPO, env=prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="1"), stdout=log, stderr=subprocess.STDOUT,
     )

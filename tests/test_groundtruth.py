@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.labels import CAMVID, VOC
-from pipeline.config import LabelPairing
-from pipeline.errors import ConfigError, LabelError
-from pipeline.groundtruth import decode_label, pair_images_with_labels, with_label_set_defaults
+from segflow.models.labels import CAMVID, VOC
+from segflow.pipeline.config import LabelPairing
+from segflow.errors import ConfigError, LabelError
+from segflow.pipeline.evaluation.groundtruth import decode_label, pair_images_with_labels, with_label_set_defaults
 
 
 def png(array: np.ndarray, mode: str, palette: list[int] | None = None) -> bytes:

@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import job
-from pipeline.commit import commit_shard
-from pipeline.config import CRFParams, ModelRef, SegmentConfig
-from pipeline.reader import read_errors, read_masks
-from pipeline.verify import verify_output
+from segflow.pipeline import job
+from segflow.pipeline.commit import commit_shard
+from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+from segflow.pipeline.reader import read_errors, read_masks
+from segflow.pipeline.verify import verify_output
 from tests.collection import write_scene, write_scenes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_deleted_images_are_reported_and_removed_only_with_prune(ray_local, rand
     plan, _ = _run(cfg.with_(prune=True))
     assert plan.deleted == [] and plan.describe() == "nothing to do: all 4 images are up to date"
     cli = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", str(tmp_path / "out"), str(tmp_path / "in")],
+        [sys.executable, "-m", "segflow.flows.cli", "verify", str(tmp_path / "out"), str(tmp_path / "in")],
         capture_output=True, text=True, cwd=REPO,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -182,8 +182,8 @@ def test_deleted_images_are_reported_and_removed_only_with_prune(ray_local, rand
 
 _NOOP_DRIVER = """
 import json, sys, time
-from pipeline import job
-from pipeline.config import ModelRef, SegmentConfig
+from segflow.pipeline import job
+from segflow.pipeline.config import ModelRef, SegmentConfig
 t0 = time.perf_counter()
 plans = []
 cfg = SegmentConfig(input=sys.argv[1], output=sys.argv[2], shard_size=2, progress=False,
@@ -244,7 +244,7 @@ def test_noop_plan_over_20k_entry_manifest_is_fast(random_fcn, tmp_path):
 
 def test_has_committed_shards_sees_only_commit_markers(tmp_path):
     """It decides whether the CLI may start Ray before planning: a first run into OUTPUT always has work."""
-    from pipeline.state import has_committed_shards
+    from segflow.pipeline.state import has_committed_shards
 
     out = tmp_path / "out"
     assert not has_committed_shards(str(out))
@@ -275,7 +275,7 @@ def test_ctrl_c_during_a_commit_lands_once_the_marker_is_written(tmp_path, monke
 
     import pytest
 
-    from pipeline import commit
+    from segflow.pipeline import commit
 
     write_table = commit._commit_table
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.listing import MANIFEST_SCHEMA, list_inputs
+from segflow.errors import InputError
+from segflow.pipeline.listing import MANIFEST_SCHEMA, list_inputs
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.labels import CAMVID
-from pipeline.boundary import boundary_counts, boundary_map, dilate_disk, trimap_band
-from pipeline.config import LabelPairing
-from pipeline.errors import InputError, LabelError
-from pipeline.groundtruth import decode_label
-from pipeline.metrics import MetricTotals, aggregate, boundary_f1, image_metrics, metric_schema
-from pipeline.schema import MASKS_SCHEMA
-from pipeline.summary import summarise_metrics
+from segflow.models.labels import CAMVID
+from segflow.pipeline.evaluation.boundary import boundary_counts, boundary_map, dilate_disk, trimap_band
+from segflow.pipeline.config import LabelPairing
+from segflow.errors import InputError, LabelError
+from segflow.pipeline.evaluation.groundtruth import decode_label
+from segflow.pipeline.evaluation.metrics import MetricTotals, aggregate, boundary_f1, image_metrics, metric_schema
+from segflow.pipeline.schema import MASKS_SCHEMA
+from segflow.pipeline.evaluation.summary import summarise_metrics
 
 K_CAMVID, VOID_CAMVID = 11, 11
 

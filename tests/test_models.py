@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from models.fcn import BACKBONES, VARIANTS, build_fcn
-from models.labels import CAMVID, VOC, label_set
-from models.registry import (
+from segflow.models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from segflow.models.fcn import BACKBONES, VARIANTS, build_fcn
+from segflow.models.labels import CAMVID, VOC, label_set
+from segflow.models.registry import (
     BUNDLED_CHECKPOINT,
     FCN_MODELS,
     TORCHVISION_MODELS,
@@ -135,9 +135,9 @@ def test_label_sets_have_a_colour_per_class():
 def test_bundled_model_reaches_its_model_card_miou_on_camvid_val(camvid):
     import numpy as np
 
-    from models.data import load_folder_pair
-    from models.train import evaluate
-    from pipeline.metrics import mean_iou
+    from segflow.models.data import load_folder_pair
+    from segflow.models.train import evaluate
+    from segflow.pipeline.evaluation.metrics import mean_iou
 
     if not BUNDLED_CHECKPOINT.exists():
         pytest.skip("the bundled model has not been trained into this checkout yet")
@@ -153,9 +153,9 @@ def test_a_compiled_model_actor_gives_the_eager_masks(tmp_path):
     """`--compile` wraps the network in torch.compile; masks must not change (CPU inductor here)."""
     import shutil
 
-    from pipeline.config import ModelRef
-    from pipeline.inference import InferenceOptions, ModelWorker
-    from pipeline.sharding import Shard
+    from segflow.pipeline.config import ModelRef
+    from segflow.pipeline.inference import InferenceOptions, ModelWorker
+    from segflow.pipeline.sharding import Shard
     from tests.collection import write_scenes
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import cpu_shares, size_cluster
-from pipeline.errors import ConfigError
-from pipeline.reader import read_masks
-from pipeline.verify import verify_output
+from segflow.pipeline.cluster import cpu_shares, size_cluster
+from segflow.errors import ConfigError
+from segflow.pipeline.reader import read_masks
+from segflow.pipeline.verify import verify_output
 from tests.collection import write_scenes
 from tests.ray_cluster import RayCluster
 
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 _DRIVER = """
 import json, sys
 import ray
-from pipeline import job
-from pipeline.config import ModelRef, SegmentConfig
+from segflow.pipeline import job
+from segflow.pipeline.config import ModelRef, SegmentConfig
 cfg = SegmentConfig(input=sys.argv[1], output=sys.argv[2], ray_address=sys.argv[3], model_actors=2, shard_size=2,
                     progress=False, model=ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=0))
 summary = job.run_segment(cfg)
@@ -67,7 +67,7 @@ def test_model_actors_spread_over_two_nodes_and_output_is_complete(two_nodes, tm
 
 _CONNECT = """
 import sys
-from pipeline.cluster import connect
+from segflow.pipeline.cluster import connect
 try:
     connect(sys.argv[1])
     print("connected")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import engine, job, prestart
-from pipeline.config import ModelRef, SegmentConfig
-from pipeline.reader import read_masks
+from segflow.pipeline import engine, job, prestart
+from segflow.pipeline.config import ModelRef, SegmentConfig
+from segflow.pipeline.reader import read_masks
 from tests.cli import start_segment
 from tests.collection import write_scenes
 from tests.ray_cluster import ProcessWatcher

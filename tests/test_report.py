@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.labels import CAMVID
-from pipeline.config import LabelPairing
-from pipeline.metrics import image_metrics, metric_schema
-from pipeline.report import write_report
-from pipeline.summary import summarise_metrics
+from segflow.models.labels import CAMVID
+from segflow.pipeline.config import LabelPairing
+from segflow.pipeline.evaluation.metrics import image_metrics, metric_schema
+from segflow.pipeline.evaluation.report import write_report
+from segflow.pipeline.evaluation.summary import summarise_metrics
 
 VOID = CAMVID.ignore_index
 H, W = 72, 96

@@ -28,13 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import commit as commit_module
-from pipeline import job
-from pipeline.config import ModelRef, SegmentConfig
-from pipeline.errors import StorageError
-from pipeline.reader import output_metadata, read_errors, read_masks, read_metrics
-from pipeline.storage import read_bytes
-from pipeline.verify import verify_output
+from segflow.pipeline import commit as commit_module
+from segflow.pipeline import job
+from segflow.pipeline.config import ModelRef, SegmentConfig
+from segflow.errors import StorageError
+from segflow.pipeline.reader import output_metadata, read_errors, read_masks, read_metrics
+from segflow.pipeline.storage import read_bytes
+from segflow.pipeline.verify import verify_output
 from tests.s3_fixtures import FAKE_KEY
 
 SEGFLOW = Path(sys.executable).with_name("segflow")  # the installed console script
@@ -159,7 +159,7 @@ def test_credentials_only_in_the_drivers_environment_reach_running_ray_workers(r
 
 def test_reader_verify_and_plan_see_shards_that_another_process_committed(s3_bucket, tmp_path):
     """fsspec keeps one filesystem, with its cached listings, per process and options."""
-    from pipeline.state import read_existing
+    from segflow.pipeline.state import read_existing
 
     names = ("a.png", "b.png", "c.png", "d.png")
     images = tmp_path / "images"  # local: listing the inputs does not refresh OUTPUT's filesystem
@@ -192,9 +192,9 @@ def _small_checkpoint(url: str, storage_options: dict) -> str:
     """An FCN-8s (MobileNetV3 backbone, random weights) with a 3-class label set; -> its sha256."""
     import torch
 
-    from models.checkpoint import save_checkpoint
-    from models.labels import LabelSet
-    from models.registry import IMAGENET_MEAN, IMAGENET_STD, build_network
+    from segflow.models.checkpoint import save_checkpoint
+    from segflow.models.labels import LabelSet
+    from segflow.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_network
 
     architecture = {"family": "fcn", "variant": "fcn8s", "backbone": "mobilenet_v3_large"}
     labels = LabelSet("street3", ("road", "sky", "car"), ((128, 64, 128), (70, 130, 180), (0, 0, 142)))
@@ -351,7 +351,7 @@ def _tail(path: Path, offset: int) -> bytes:
 def test_storage_options_come_from_a_config_file_as_a_table_or_a_json_string(tmp_path, line):
     import argparse
 
-    from flows.commands.options import add_engine_args, apply_config_file, config_from_args
+    from segflow.flows.commands.options import add_engine_args, apply_config_file, config_from_args
 
     (tmp_path / "segflow.toml").write_text(line + "\n")
     parser = argparse.ArgumentParser()
@@ -375,7 +375,7 @@ def at_first_commit(monkeypatch):
         while actions:
             actions.pop(0)()
 
-    monkeypatch.setattr("pipeline.engine.commit_shard", commit_then_act)
+    monkeypatch.setattr("segflow.pipeline.engine.commit_shard", commit_then_act)
     return actions.append
 
 

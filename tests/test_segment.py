@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline import job
-from pipeline.config import CRFParams, SegmentConfig
-from pipeline.reader import load_mask, read_errors, read_masks
+from segflow.pipeline import job
+from segflow.pipeline.config import CRFParams, SegmentConfig
+from segflow.pipeline.reader import load_mask, read_errors, read_masks
 from tests.collection import BOMB_PIXEL_LIMIT, make_collection
 
 
@@ -100,7 +100,7 @@ def test_reader_returns_masks_as_arrays(ray_local, random_fcn, collection, tmp_p
 
 def test_missing_input_is_one_line_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "segment", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True
+        [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
@@ -108,7 +108,7 @@ def test_missing_input_is_one_line_error(tmp_path):
 
 def test_bad_flag_is_one_line_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--shard-size", "0"], capture_output=True, text=True
+        [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--shard-size", "0"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--shard-size" in result.stderr
@@ -118,7 +118,7 @@ def test_config_file_values_become_option_defaults(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("shard_size = 0\n")
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--config", str(config)], capture_output=True, text=True
+        [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--config", str(config)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--shard-size must be >= 1, got 0" in result.stderr
 
@@ -126,7 +126,7 @@ def test_config_file_values_become_option_defaults(tmp_path):
 def test_offline_torchvision_weights_fail_in_one_line_before_any_work(tmp_path):
     env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "segment", "samples/street", str(tmp_path / "out"), "--model", "lraspp_mobilenet_v3_large", "--weights", "DEFAULT"],
+        [sys.executable, "-m", "segflow.flows.cli", "segment", "samples/street", str(tmp_path / "out"), "--model", "lraspp_mobilenet_v3_large", "--weights", "DEFAULT"],
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 2

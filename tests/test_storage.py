@@ -23,8 +23,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ConfigError, ImageReadError, StorageError
-from pipeline.storage import (
+from segflow.errors import ConfigError, ImageReadError, StorageError
+from segflow.pipeline.storage import (
     clean_staging,
     commit_file,
     filesystem_for,
@@ -181,7 +181,7 @@ def test_commit_to_a_resolved_memory_filesystem():
 
 LOCAL_WRITER = """
 import os, sys, time
-import pipeline.storage as storage
+import segflow.pipeline.storage as storage
 target, marker = sys.argv[1], sys.argv[2]
 
 def stall(fd):  # the bytes are written, the rename has not happened: the worst moment to die
@@ -277,7 +277,7 @@ def test_s3_commit_to_a_missing_bucket_is_a_storage_error(s3_bucket):
 S3_WRITER = """
 import asyncio, json, sys
 import s3fs
-import pipeline.storage as storage
+import segflow.pipeline.storage as storage
 url, options, marker = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 pipe_file, call_s3 = s3fs.S3FileSystem._pipe_file, s3fs.S3FileSystem._call_s3
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flows.cli import UsageError
-from flows.commands.options import add_engine_args, config_from_args, json_object
-from pipeline.config import LabelPairing
+from segflow.errors import UsageError
+from segflow.flows.commands.options import add_engine_args, config_from_args, json_object
+from segflow.pipeline.config import LabelPairing
 
 
 def add_parser(sub) -> None:
@@ -45,7 +45,7 @@ def pairing_from_args(args) -> LabelPairing:
 
 
 def run(args) -> int:
-    from flows.runner import run_evaluate_job
+    from segflow.flows.runner import run_evaluate_job
 
     if args.labels and not args.labels_location:
         args.labels_location = args.labels  # from a config file's "labels" key

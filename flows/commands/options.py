@@ -1,6 +1,6 @@
 """Flags shared by the commands that run the engine, and their translation into SegmentConfig.
 
-Every flag maps onto one field of `pipeline.config` objects; `config_from_args` is the
+Every flag maps onto one field of `segflow.pipeline.config` objects; `config_from_args` is the
 only place that translation happens, so the CLI, config files and flows agree.
 """
 
@@ -11,8 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from flows.cli import UsageError
-from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_SHARD_SIZE, CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.errors import UsageError
+from segflow.pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_SHARD_SIZE, CRFParams, LabelPairing, ModelRef, SegmentConfig
 
 
 def add_engine_args(p) -> None:

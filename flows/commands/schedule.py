@@ -8,7 +8,7 @@ and they are pinned in the deployment.
 
 from __future__ import annotations
 
-from flows.commands.options import add_engine_args, config_from_args
+from segflow.flows.commands.options import add_engine_args, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from flows.cli import UsageError
-    from flows.deploy import reprocess_deployment, serve_reprocessing
+    from segflow.errors import UsageError
+    from segflow.flows.deploy import reprocess_deployment, serve_reprocessing
 
     if args.storage_options:
         raise UsageError("--storage-options would be saved in the deployment; use env credentials or --storage-secret")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.commands.options import add_engine_args, config_from_args
+from segflow.flows.commands.options import add_engine_args, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from flows.runner import run_segment_job
+    from segflow.flows.runner import run_segment_job
 
     cfg = config_from_args(args, args.input, args.output)
     summary = run_segment_job(cfg)

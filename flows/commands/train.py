@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from models.train import TrainConfig, train
+    from segflow.models.train import TrainConfig, train
 
     cfg = TrainConfig(
         images=args.images, labels=args.labels, val_images=args.val_images, val_labels=args.val_labels,

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.verify import verify_output
+    from segflow.pipeline.verify import verify_output
 
     options = json.loads(args.storage_options) if args.storage_options else None
     problems = verify_output(args.output, args.input, options, deep=args.deep)

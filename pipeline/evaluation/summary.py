@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from models.labels import LabelSet
-from pipeline.commit import METRICS
-from pipeline.errors import InputError
-from pipeline.metrics import MetricTotals, count_columns, metric_schema
-from pipeline.state import committed_files
+from segflow.models.labels import LabelSet
+from segflow.pipeline.commit import METRICS
+from segflow.errors import InputError
+from segflow.pipeline.evaluation.metrics import MetricTotals, count_columns, metric_schema
+from segflow.pipeline.state import committed_files
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
@@ -130,7 +130,7 @@ class ImageRanking:
 def commit_bytes(url: str, data: bytes, storage_options: dict) -> None:
     """Write `data` to `url` so readers see the old file or the whole new one, never a part."""
     try:  # the engine's atomic writer, once pipeline/storage.py lands
-        from pipeline.storage import commit_file
+        from segflow.pipeline.storage import commit_file
     except ImportError:
         commit_file = None
     if commit_file is not None:

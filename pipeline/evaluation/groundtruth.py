@@ -31,9 +31,9 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from models.labels import LabelSet
-from pipeline.config import LabelPairing
-from pipeline.errors import ConfigError, LabelError
+from segflow.models.labels import LabelSet
+from segflow.pipeline.config import LabelPairing
+from segflow.errors import ConfigError, LabelError
 
 FORMATS = ("index", "palette", "rgb")
 DEFAULT_IGNORE = 255  # used when the pairing names no ignore index (VOC's and Cityscapes' void)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from html import escape
 
-from models.labels import LabelSet
-from pipeline.config import LabelPairing
-from pipeline.gallery import GalleryRow, build_gallery
-from pipeline.summary import commit_bytes
+from segflow.models.labels import LabelSet
+from segflow.pipeline.config import LabelPairing
+from segflow.pipeline.evaluation.gallery import GalleryRow, build_gallery
+from segflow.pipeline.evaluation.summary import commit_bytes
 
 REPORT_HTML = "report.html"
 

@@ -20,72 +20,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.boundary import COUNT_NAMES, GT, GT_MATCHED, PRED, PRED_MATCHED, boundary_counts, trimap_band
-from pipeline.errors import LabelError
+from segflow.pipeline.evaluation.boundary import COUNT_NAMES, GT, GT_MATCHED, PRED, PRED_MATCHED, boundary_counts, trimap_band
+from segflow.errors import LabelError
+from segflow.models.scores import (  # noqa: F401  (re-exported: the metric kernels' historical home)
+    confusion_matrix,
+    frequency_weighted_iou,
+    mean_class_accuracy,
+    mean_iou,
+    per_class_accuracy,
+    per_class_iou,
+    pixel_accuracy,
+)
 
 VARIANTS = ("raw", "crf")  # raw model mask, CRF-refined mask
-
-
-def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
-    """(H, W) ground truth and prediction -> (K, K) int64 counts, ignoring void and out-of-range labels.
-
-    Predictions must lie in [0, K): one that does not would be counted in the wrong cell.
-    """
-    if label.shape != pred.shape:
-        raise ValueError(f"label shape {label.shape} differs from prediction shape {pred.shape}")
-    label = label.ravel().astype(np.int64)
-    pred = pred.ravel().astype(np.int64)
-    keep = (label >= 0) & (label < num_classes)
-    if ignore_index is not None:
-        keep &= label != ignore_index
-    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
-        bad = pred.max() if pred.max() >= num_classes else pred.min()
-        raise ValueError(f"prediction holds class {bad}, outside [0, {num_classes}); was the mask made with another label set?")
-    return np.bincount(num_classes * label[keep] + pred[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def per_class_iou(confusion: np.ndarray) -> np.ndarray:
-    """(K,) IoU per class; NaN where a class is absent from both ground truth and prediction."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
-
-
-def mean_iou(confusion: np.ndarray) -> float:
-    """Mean of the defined per-class IoUs (classes absent from both sides are skipped)."""
-    iou = per_class_iou(confusion)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-
-
-def pixel_accuracy(confusion: np.ndarray) -> float:
-    """Correct labelled pixels / labelled pixels; NaN when nothing is labelled."""
-    total = confusion.sum()
-    return float(np.trace(confusion) / total) if total else float("nan")
-
-
-def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
-    """(K,) recall per class: correct pixels of class c / ground-truth pixels of c; NaN without any."""
-    gt = confusion.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gt > 0, np.diag(confusion) / gt, np.nan)
-
-
-def mean_class_accuracy(confusion: np.ndarray) -> float:
-    """Mean of `per_class_accuracy` over the classes that occur in the ground truth."""
-    acc = per_class_accuracy(confusion)
-    return float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
-
-
-def frequency_weighted_iou(confusion: np.ndarray) -> float:
-    """Σ_c (ground-truth share of c) · IoU_c, as in Long et al.'s FCN paper."""
-    total = confusion.sum()
-    if not total:
-        return float("nan")
-    freq = confusion.sum(1) / total
-    iou = per_class_iou(confusion)
-    seen = freq > 0  # a class with ground truth always has a defined IoU
-    return float((freq[seen] * iou[seen]).sum())
 
 
 def boundary_f1(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -268,18 +215,6 @@ def aggregate(tables: Iterable[pa.Table | pa.RecordBatch] | pa.Table, num_classe
     for table in tables:
         totals.process(table)
     return totals.compute()
-
-
-def summarise_metrics(output_url: str, storage_options: dict | None = None, label_set=None, **options) -> dict:
-    """Stream OUTPUT/metrics/, aggregate, write OUTPUT/summary.json and summary.parquet; -> the summary.
-
-    The dataset-level entry point the engine calls after its last shard. This module stays
-    free of storage: the reading and writing live in `pipeline.summary.summarise_metrics`,
-    which documents the options (`extremes`, `batch_size`).
-    """
-    from pipeline.summary import summarise_metrics as summarise  # lazy: pipeline.summary imports this module
-
-    return summarise(output_url, storage_options, label_set, **options)
 
 
 SCALARS = ("miou", "pixel_accuracy", "mean_class_accuracy", "fw_iou", "bf", "trimap_miou", "trimap_pixel_accuracy")

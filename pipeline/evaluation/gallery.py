@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from PIL import Image
 
-from models.labels import LabelSet
-from pipeline.config import LabelPairing
-from pipeline.errors import SegflowError
-from pipeline.groundtruth import decode_label
+from segflow.models.labels import LabelSet
+from segflow.pipeline.config import LabelPairing
+from segflow.errors import SegflowError
+from segflow.pipeline.evaluation.groundtruth import decode_label
 
 OVERLAY_ALPHA = 0.55  # mask colour weight: enough to read the class, enough photo to see the edge
 VOID_DIM = 0.35  # void pixels show the photo darkened, so "not scored" reads as absence of colour

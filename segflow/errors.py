@@ -15,6 +15,10 @@ class ConfigError(SegflowError):
     """A bad option value."""
 
 
+class UsageError(ConfigError):
+    """A bad flag value or missing input on the command line; printed as one line."""
+
+
 class InputError(SegflowError):
     """The INPUT location cannot be listed or holds nothing segflow can read."""
 
