@@ -72,16 +72,16 @@ def benchmark(args, baseline: bool = True) -> dict:
             model = Model.load(cfg.model)
             palette = LabelSet.from_dict(plan.labels).flat_palette()
             with report_module.ForeignLoad() as baseline_load:
-                base = run_baseline(paths, model, plan.crf, palette, cfg.max_pixels)
+                base = run_baseline(paths, model, plan.refinement.params, palette, cfg.max_pixels)
             sample = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), args.ideal_images))]
             with report_module.ForeignLoad() as alone_load:
-                alone = measure_alone(sample, model, plan.crf, cfg.max_pixels)
+                alone = measure_alone(sample, model, plan.refinement.params, cfg.max_pixels)
             del model
         pipeline = run_pipeline(cfg, args.monitor_interval, 1.0 if args.memory_check else None)
         if baseline and not args.no_baseline:  # once more after the pipeline: the spread shows the machine's drift
             model = Model.load(cfg.model)
             with report_module.ForeignLoad() as again_load:
-                again = measure_alone(sample, model, plan.crf, cfg.max_pixels)
+                again = measure_alone(sample, model, plan.refinement.params, cfg.max_pixels)
             del model
         if pipeline["summary"]["model_fingerprint"] != plan.model_fingerprint:
             raise SystemExit(
@@ -189,11 +189,11 @@ def memory_check(args) -> dict:
 def _pipeline_child(spec: dict) -> int:
     import resource
 
-    from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+    from segflow.pipeline.config import ModelRef, SegmentConfig
     from segflow.pipeline.job import run_segment
 
     c = dict(spec["config"])
-    cfg = SegmentConfig(**{**c, "model": ModelRef(**c["model"]), "crf": CRFParams(**c["crf"]) if c["crf"] else None})
+    cfg = SegmentConfig(**{**c, "model": ModelRef(**c["model"]), "crf_params": tuple(map(tuple, c["crf_params"]))})
     markers = Path(spec["markers"])
     job_start = time.time()
     (markers / "started").write_text(str(job_start))
@@ -223,13 +223,13 @@ def _model_ref(args):
 
 
 def _config(args, tmp: Path):
-    from segflow.pipeline.config import CRFParams, SegmentConfig
+    from segflow.pipeline.config import SegmentConfig
 
     return SegmentConfig(
         input=str(tmp / "images"),
         output=str(tmp / "out"),
         model=_model_ref(args),
-        crf=None if args.no_crf else CRFParams(),
+        refinement="none" if args.no_crf else "dense",
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         model_actors=args.model_actors,
@@ -256,7 +256,7 @@ def _describe_run(args, cfg, plan, paths) -> dict:
         "image_size": f"{size[0]}x{size[1]}",
         "model": asdict(cfg.model),
         "model_fingerprint": plan.model_fingerprint,
-        "crf": asdict(plan.crf) if plan.crf else None,
+        "crf": asdict(plan.refinement.params) if plan.refinement.params is not None else None,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "max_shards_in_flight": cfg.max_shards_in_flight,

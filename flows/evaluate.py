@@ -8,9 +8,9 @@ run's artifacts add mIoU without and with the CRF, per class, and a link to the 
 
 from prefect import flow
 
-from segflow.flows.parameters import Execution, Pairing, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.parameters import Execution, Refinement, Pairing, flow_parameters, run_name, segment_config, storage_options_scope
 from segflow.flows.stages import run_job
-from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+from segflow.pipeline.config import ModelRef, SegmentConfig
 from segflow.errors import ConfigError
 from segflow.pipeline.job import RunSummary
 
@@ -22,8 +22,7 @@ def evaluate_flow(
     output: str,
     pairing: Pairing = Pairing(),
     model: ModelRef = ModelRef(),
-    crf: CRFParams | None = CRFParams(),
-    crf_from_model: bool = True,
+    refinement: Refinement = Refinement(),
     ray_address: str | None = None,
     execution: Execution = Execution(),
     force: bool = False,
@@ -40,13 +39,13 @@ def evaluate_flow(
         labels: folder or URL of ground-truth label images, paired with images by file stem.
         output: where masks, metrics, summary.json and report.html go.
         pairing: suffixes that pair image and label names, label format (index, palette, rgb), remapping.
-        model, crf, crf_from_model, ray_address, execution, force, prune, retry_errors,
+        model, refinement, ray_address, execution, force, prune, retry_errors,
         content_hash, storage_secret, wait_for_output_seconds: as for segflow-segment.
 
     Returns {"run": RunSummary.to_dict(), "evaluation": summary.json's content, with "report"}.
     """
     cfg = segment_config(
-        images, output, model=model, crf=crf, crf_from_model=crf_from_model, ray_address=ray_address,
+        images, output, model=model, refinement=refinement, ray_address=ray_address,
         execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
         labels=labels, pairing=pairing, storage_secret=storage_secret,
     )

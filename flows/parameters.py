@@ -1,9 +1,9 @@
 """Flow parameters <-> `SegmentConfig`: the one place the three flows build their job.
 
 The flows take typed parameters so Prefect's UI renders a form: the engine's own
-frozen dataclasses (`ModelRef`, `CRFParams`) where they exist, and two small pydantic
-models for the rest, `Execution` (how the work runs; never changes a mask) and
-`Pairing` (how evaluation finds labels). Their defaults are read from the engine's
+frozen dataclass `ModelRef`, and small pydantic models for the rest: `Refinement`
+(the CRF kind and its explicit parameters), `Execution` (how the work runs; never
+changes a mask) and `Pairing` (how evaluation finds labels). Their defaults are read from the engine's
 dataclasses, so a default changes in `pipeline/config.py` and nowhere else.
 
 `segment_config` builds the config from flow parameters and `flow_parameters` is its
@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from segflow.pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 from segflow.errors import ConfigError
 
 
@@ -43,18 +43,31 @@ class Execution(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    shard_size: int = Field(_default(SegmentConfig, "shard_size"), ge=1, description="images per committed Parquet shard")
-    batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass")
+    shard_size: int = Field(_default(SegmentConfig, "shard_size"), ge=1, description="images per shard: the unit of scheduling, retry and commit")
+    batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass (same-size images only)")
     max_pixels: int = Field(_default(SegmentConfig, "max_pixels"), ge=1, description="larger images become error rows (decompression-bomb guard)")
-    model_actors: int | None = Field(_default(SegmentConfig, "model_actors"), description="None: one per GPU, or one on a CPU-only cluster")
-    crf_workers: int | None = Field(_default(SegmentConfig, "crf_workers"), description="None: in the model actors on CPU-only clusters, one per free CPU with GPUs; 0: in the model actors")
-    max_shards_in_flight: int | None = Field(_default(SegmentConfig, "max_shards_in_flight"))
-    max_shard_attempts: int = Field(_default(SegmentConfig, "max_shard_attempts"), ge=1)
-    device: Literal["auto", "cpu", "cuda"] = _default(SegmentConfig, "device")
-    autocast: Literal["auto", "off", "bf16", "fp16"] = _default(SegmentConfig, "autocast")
-    channels_last: bool = _default(SegmentConfig, "channels_last")
-    compile: bool = _default(SegmentConfig, "compile")
+    model_actors: int | None = Field(_default(SegmentConfig, "model_actors"), description="model actors; none: one per GPU, or one per core on a CPU-only cluster")
+    crf_workers: int | None = Field(_default(SegmentConfig, "crf_workers"), description="concurrent CRF tasks; none: in the model actors on CPU-only clusters, one per free CPU with GPUs; 0: always in the model actors")
+    max_shards_in_flight: int | None = Field(_default(SegmentConfig, "max_shards_in_flight"), description="bound on open shards (memory); none: 2 per model actor")
+    max_shard_attempts: int = Field(_default(SegmentConfig, "max_shard_attempts"), ge=1, description="tries before a shard's images become error rows")
+    device: Literal["auto", "cpu", "cuda"] = Field(_default(SegmentConfig, "device"), description="where the network runs; auto: cuda when Ray has GPUs")
+    autocast: Literal["auto", "off", "bf16", "fp16"] = Field(_default(SegmentConfig, "autocast"), description="GPU mixed precision; auto: bf16 on GPU, off on CPU")
+    channels_last: bool = Field(_default(SegmentConfig, "channels_last"), description="channels-last memory format on GPU")
+    compile: bool = Field(_default(SegmentConfig, "compile"), description="torch.compile the network in each model actor")
     progress: bool = Field(False, description="tqdm bars; off in flows, whose logs are not a terminal")
+
+
+class Refinement(BaseModel):
+    """Which refinement kind runs after the network, and the parameters set explicitly.
+
+    Each parameter given overrides only itself; the others are the checkpoint's tuned
+    values for that kind, else the kind's defaults (segflow.models.crf).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(_default(SegmentConfig, "refinement"), description="a kind of `segflow models` (none, dense, ...)")
+    params: dict[str, float | int | str] = Field(default_factory=dict, description="explicit parameters, e.g. {\"iterations\": 10}")
 
 
 class Pairing(BaseModel):
@@ -75,7 +88,7 @@ class Pairing(BaseModel):
 _EXECUTION_FIELDS = tuple(Execution.model_fields)
 _PAIRING_FIELDS = tuple(Pairing.model_fields)
 # Config fields that are flow parameters of their own, beside input/output/execution.
-_TOP_LEVEL = ("model", "crf", "crf_from_model", "ray_address", "force", "prune", "retry_errors", "content_hash")
+_TOP_LEVEL = ("model", "ray_address", "force", "prune", "retry_errors", "content_hash")
 
 _storage_options: contextvars.ContextVar[dict | None] = contextvars.ContextVar("segflow_storage_options", default=None)
 
@@ -85,8 +98,7 @@ def segment_config(
     output: str,
     *,
     model: ModelRef,
-    crf: CRFParams | None,
-    crf_from_model: bool,
+    refinement: Refinement,
     ray_address: str | None,
     execution: Execution,
     force: bool,
@@ -105,8 +117,8 @@ def segment_config(
         input=input,
         output=output,
         model=model,
-        crf=crf,
-        crf_from_model=crf_from_model,
+        refinement=refinement.kind,
+        crf_params=tuple(refinement.params.items()),
         ray_address=ray_address or None,
         force=force,
         prune=prune,
@@ -121,6 +133,7 @@ def segment_config(
 def flow_parameters(cfg: SegmentConfig) -> dict:
     """Inverse of `segment_config`: the flow parameters that rebuild `cfg`, credentials left out."""
     params = {"input": cfg.input, "output": cfg.output, **{name: getattr(cfg, name) for name in _TOP_LEVEL}}
+    params["refinement"] = Refinement(kind=cfg.refinement, params=dict(cfg.crf_params))
     params["execution"] = Execution(**{name: getattr(cfg, name) for name in _EXECUTION_FIELDS})
     if cfg.evaluation is not None:
         params["labels"] = cfg.evaluation.labels

@@ -10,9 +10,9 @@ OUTPUT instead of failing). `flows/deploy.py` puts it on a cron schedule.
 
 from prefect import flow
 
-from segflow.flows.parameters import Execution, run_name, segment_config
+from segflow.flows.parameters import Execution, Refinement, run_name, segment_config
 from segflow.flows.stages import run_job
-from segflow.pipeline.config import CRFParams, ModelRef
+from segflow.pipeline.config import ModelRef
 from segflow.pipeline.job import RunSummary
 
 
@@ -21,8 +21,7 @@ def reprocess_flow(
     input: str,
     output: str,
     model: ModelRef = ModelRef(),
-    crf: CRFParams | None = CRFParams(),
-    crf_from_model: bool = True,
+    refinement: Refinement = Refinement(),
     ray_address: str | None = None,
     execution: Execution = Execution(),
     prune: bool = False,
@@ -36,16 +35,16 @@ def reprocess_flow(
     """Process what changed under `input` since `output` was last written.
 
     Args:
-        input, output, model, crf, crf_from_model, ray_address, execution, prune,
+        input, output, model, refinement, ray_address, execution, prune,
         retry_errors, content_hash, force, storage_secret, wait_for_output_seconds:
-            as for segflow-segment. Changing `model` or `crf` here reprocesses every
+            as for segflow-segment. Changing `model` or `refinement` here reprocesses every
             image whose masks carry the old fingerprint.
         dry_run: list and plan only; publish what would be processed, write nothing.
 
     Returns the run summary, or None for a dry run.
     """
     cfg = segment_config(
-        input, output, model=model, crf=crf, crf_from_model=crf_from_model, ray_address=ray_address,
+        input, output, model=model, refinement=refinement, ray_address=ray_address,
         execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
         storage_secret=storage_secret,
     )

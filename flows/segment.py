@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from segflow.flows.parameters import Execution, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.parameters import Execution, Refinement, flow_parameters, run_name, segment_config, storage_options_scope
 from segflow.flows.stages import run_job
-from segflow.pipeline.config import CRFParams, ModelRef, SegmentConfig
+from segflow.pipeline.config import ModelRef, SegmentConfig
 from segflow.pipeline.job import RunSummary
 
 
@@ -22,8 +22,7 @@ def segment_flow(
     input: str,
     output: str,
     model: ModelRef = ModelRef(),
-    crf: CRFParams | None = CRFParams(),
-    crf_from_model: bool = True,
+    refinement: Refinement = Refinement(),
     ray_address: str | None = None,
     execution: Execution = Execution(),
     force: bool = False,
@@ -39,8 +38,7 @@ def segment_flow(
         input: folder or URL of images (local path, file://, s3://, memory://, ...).
         output: where masks/, errors/ and the run manifest go.
         model: registry name, checkpoint URL, torchvision weights; all empty = bundled CamVid FCN-8s.
-        crf: dense-CRF parameters; null skips the CRF.
-        crf_from_model: use the checkpoint's tuned CRF parameters when `crf` is left at its defaults.
+        refinement: the CRF kind (none, dense, ...) and the parameters set explicitly; each overrides only itself.
         ray_address: Ray cluster to join ("auto", "ray://head:10001"); empty starts a local Ray.
         execution: shard size, batch size, actors, device: how the work runs, never what it produces.
         force: reprocess everything, even images whose masks are up to date.
@@ -51,7 +49,7 @@ def segment_flow(
         wait_for_output_seconds: how long to wait while another run writes `output`; empty waits until it ends.
     """
     cfg = segment_config(
-        input, output, model=model, crf=crf, crf_from_model=crf_from_model, ray_address=ray_address,
+        input, output, model=model, refinement=refinement, ray_address=ray_address,
         execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
         storage_secret=storage_secret,
     )

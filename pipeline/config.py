@@ -12,13 +12,11 @@ from dataclasses import dataclass, field, replace
 
 from segflow.errors import ConfigError
 from segflow.fingerprint import digest  # noqa: F401  (re-exported)
+from segflow.models.crf import DEFAULT_REFINEMENT, refinement_kind
 from segflow.models.crf.dense import CRFParams  # noqa: F401  (re-exported)
 
 DEFAULT_SHARD_SIZE = 64
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb limit, ~ a 7300x5500 photo
-
-
-NO_CRF_FINGERPRINT = "none"
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,8 @@ class SegmentConfig:
     input: str
     output: str
     model: ModelRef = field(default_factory=ModelRef)
-    crf: CRFParams | None = field(default_factory=CRFParams)
-    crf_from_model: bool = True  # use the checkpoint's tuned CRF parameters unless set explicitly
+    refinement: str = DEFAULT_REFINEMENT  # a kind in segflow.models.crf.REFINEMENTS; "none" skips it
+    crf_params: tuple[tuple[str, float | int | str], ...] = ()  # explicit parameters; each overrides only itself
     shard_size: int = DEFAULT_SHARD_SIZE
     batch_size: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -98,8 +96,8 @@ class SegmentConfig:
         if self.autocast not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--autocast must be auto, off, bf16 or fp16, got {self.autocast!r}")
 
+        refinement_kind(self.refinement)  # a one-line error for an unknown kind, before any work
+        object.__setattr__(self, "crf_params", tuple(sorted(dict(self.crf_params).items())))
+
     def with_(self, **changes) -> "SegmentConfig":
         return replace(self, **changes)
-
-    def crf_fingerprint(self) -> str:
-        return self.crf.fingerprint() if self.crf is not None else NO_CRF_FINGERPRINT

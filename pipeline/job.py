@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from segflow.pipeline.config import CRFParams, SegmentConfig, digest
+from segflow.pipeline.config import SegmentConfig, digest
 from segflow.errors import InputError
 from segflow.pipeline.listing import list_inputs
 from segflow.pipeline.sharding import Shard, plan_shards
@@ -33,7 +33,7 @@ class Plan:
     drop_uris: set[str]
     unpaired_labels: list[str]
     model_fingerprint: str
-    crf: CRFParams | None
+    refinement: object  # a resolved kind of segflow.models.crf (parameters chosen)
     job_fingerprint: str
     labels: dict
     seconds: float = 0.0
@@ -77,13 +77,15 @@ class RunSummary:
     model_fingerprint: str
     crf_fingerprint: str
     stage_seconds: dict = field(default_factory=dict)
+    errors_to_retry: int = 0  # error rows not blaming their image: the next run tries those images again
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
+        retry = f" ({self.errors_to_retry} not the images' fault: a rerun retries them)" if self.errors_to_retry else ""
         return (
-            f"{self.masks} masks, {self.errors} errors, {self.up_to_date} up to date"
+            f"{self.masks} masks, {self.errors} errors{retry}, {self.up_to_date} up to date"
             f" ({self.images_total} images) in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s"
             f" -> {self.output}"
         )
@@ -114,8 +116,8 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     t0 = time.perf_counter()
     m = cfg.model
     info = describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
-    crf = _resolve_crf(cfg, info.meta)
-    crf_fingerprint = crf.fingerprint() if crf is not None else "none"
+    refinement = _resolve_refinement(cfg, info.meta)
+    crf_fingerprint = refinement.fingerprint()
     evaluation = asdict(cfg.evaluation) if cfg.evaluation is not None else None
     if evaluation is not None:
         evaluation.pop("labels")  # where labels live is not what they mean
@@ -131,7 +133,7 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
         drop_uris=work.drop_uris,
         unpaired_labels=[u for u in unpaired.split("\n") if u],
         model_fingerprint=info.fingerprint,
-        crf=crf,
+        refinement=refinement,
         job_fingerprint=job_fingerprint,
         labels=info.labels.to_dict(),
         seconds=time.perf_counter() - t0,
@@ -170,8 +172,9 @@ def summarise_stage(cfg: SegmentConfig, plan: Plan, stats) -> RunSummary:
         images_per_second=round(processed / stats.seconds, 3) if stats.seconds else 0.0,
         seconds_to_first_commit=stats.seconds_to_first_commit,
         model_fingerprint=plan.model_fingerprint,
-        crf_fingerprint=plan.crf.fingerprint() if plan.crf is not None else "none",
+        crf_fingerprint=plan.refinement.fingerprint(),
         stage_seconds={k: round(v / max(1, stats.masks), 4) for k, v in stats.stage_seconds.items()},
+        errors_to_retry=stats.errors_to_retry,
     )
 
 
@@ -215,13 +218,18 @@ def _pairing(cfg: SegmentConfig, labels):
     return with_label_set_defaults(cfg.evaluation, labels) if cfg.evaluation is not None else None
 
 
-def _resolve_crf(cfg: SegmentConfig, model_meta: dict) -> CRFParams | None:
-    """Explicit parameters win; otherwise the checkpoint's tuned ones; otherwise DeepLab's."""
-    if cfg.crf is None:
-        return None
-    if cfg.crf_from_model and model_meta.get("crf"):
-        return CRFParams.from_dict(model_meta["crf"])
-    return cfg.crf
+def _resolve_refinement(cfg: SegmentConfig, model_meta: dict):
+    """Each explicit parameter wins for itself; the rest are the checkpoint's tuned ones, then the kind's defaults.
+
+    A checkpoint's `crf` metadata holds its tuned dense-CRF parameters (models/release.py);
+    `refinements` may hold tuned parameters of other kinds, by kind name.
+    """
+    from segflow.models.crf import resolve_refinement
+
+    tuned = (model_meta.get("refinements") or {}).get(cfg.refinement)
+    if tuned is None and cfg.refinement == "dense":
+        tuned = model_meta.get("crf")
+    return resolve_refinement(cfg.refinement, dict(cfg.crf_params), tuned)
 
 
 def start_model_actors_early(cfg: SegmentConfig) -> None:
@@ -258,7 +266,7 @@ def _execute(cfg: SegmentConfig, plan: Plan):
     from segflow.pipeline.cluster import connect
     from segflow.pipeline.engine import ShardExecutor
     from segflow.pipeline.progress import ProgressBar
-    from segflow.pipeline.refine import DenseCRFRefiner, RefineContext
+    from segflow.pipeline.refine import RefineContext
 
     connect(cfg.ray_address)
     spec = _actor_spec(cfg)
@@ -266,11 +274,11 @@ def _execute(cfg: SegmentConfig, plan: Plan):
     fingerprints = {
         "job_fingerprint": plan.job_fingerprint,
         "model_fingerprint": plan.model_fingerprint,
-        "crf_fingerprint": plan.crf.fingerprint() if plan.crf is not None else "none",
+        "crf_fingerprint": plan.refinement.fingerprint(),
     }
     pairing = _pairing(cfg, labels)
     context = RefineContext(
-        refiner=DenseCRFRefiner(plan.crf) if plan.crf is not None else None,
+        refiner=plan.refinement if plan.refinement.params is not None else None,
         num_classes=labels.num_classes,
         flat_palette=tuple(labels.flat_palette()),
         fingerprints=fingerprints,
@@ -279,7 +287,10 @@ def _execute(cfg: SegmentConfig, plan: Plan):
         storage_options=cfg.storage_options,
         storage_env=spec.storage_env,
     )
-    metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(plan.crf) if plan.crf else None}
+    params = plan.refinement.params
+    metadata = {**fingerprints, "labels": plan.labels, "crf": asdict(params) if params is not None else None}
+    if plan.refinement.name != "dense":
+        metadata["refinement"] = plan.refinement.name  # absent for dense: its files stay byte-identical
     executor = ShardExecutor(
         spec, context, cfg.output, metadata,
         max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, actors=prestart.take(spec),

@@ -3,9 +3,10 @@
 `refine_item` takes what the model actor yielded for one image and returns the rows the
 shard will commit: a mask row, or an error row, plus a metrics row when evaluating.
 
-Refiners are pluggable (`REFINERS`): the dense CRF here is one; refinements that are
-part of a network (CRF-as-RNN, DPN) live in the model registry instead and arrive here as
-full-resolution logits, with `crf=None` or a further CPU refiner on top.
+Refiners are the CPU kinds of the refinement registry (segflow.models.crf.REFINEMENTS),
+chosen and configured by the plan; this stage only calls `refine`. Refinements that are
+part of a network (DPN, the contextual CRF) are heads in the model registry instead and
+arrive here as logits, with a further CPU refiner on top or none.
 """
 
 from __future__ import annotations
@@ -15,36 +16,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from segflow.pipeline.config import CRFParams, LabelPairing
-from segflow.models.crf.dense import refine_with_crf
+from segflow.pipeline.config import LabelPairing
 from segflow.models.probabilities import labels_and_confidence, probabilities_from_logits
 from segflow.pipeline.masks import encode_mask
 
 
 class Refiner(Protocol):
-    """A CPU refinement of probabilities into labels."""
+    """A CPU refinement kind of segflow.models.crf, configured: probabilities -> labels."""
 
     def fingerprint(self) -> str: ...
 
     def refine(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 image, (C, H, W) float32 probabilities -> (H, W) uint8 labels."""
         ...
-
-
-@dataclass(frozen=True)
-class DenseCRFRefiner:
-    """Krähenbühl & Koltun's fully connected CRF (pydensecrf2)."""
-
-    params: CRFParams
-
-    def fingerprint(self) -> str:
-        return self.params.fingerprint()
-
-    def refine(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        return refine_with_crf(rgb, probs, self.params)
-
-
-REFINERS = {"densecrf": DenseCRFRefiner}
 
 
 @dataclass(frozen=True)
@@ -86,11 +70,12 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
     except Exception as exc:
         from segflow.errors import ImageError, StorageError
 
-        if isinstance(exc, StorageError):
-            raise  # an outage says nothing about this image: the shard fails and is retried whole
-        stage = exc.stage if isinstance(exc, ImageError) else "refine"
-        reason = exc.reason if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
-        return {"error": {**base, "stage": stage, "reason": reason, "attempts": 1}}
+        if isinstance(exc, (StorageError, ImportError)):
+            raise  # an outage or a missing module says nothing about this image: the shard fails (engine.py)
+        fault = isinstance(exc, ImageError)  # a bad label is the image's; a failing refiner is not
+        stage = exc.stage if fault else "refine"
+        reason = exc.reason if fault else f"{type(exc).__name__}: {exc}"
+        return {"error": {**base, "stage": stage, "reason": reason, "attempts": 1, "image_fault": fault}}
 
 
 def _refine(item: dict, ctx: RefineContext, base: dict) -> dict:

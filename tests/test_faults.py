@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from segflow.pipeline import job
-from segflow.pipeline.config import CRFParams, SegmentConfig
+from segflow.pipeline.config import SegmentConfig
 from segflow.pipeline.reader import read_errors, read_masks
 from segflow.pipeline.verify import verify_output
 from tests.cli import start_segment
@@ -223,7 +223,7 @@ def test_crf_worker_killed_mid_task_job_still_completes(ray_local, random_fcn, t
     write_scenes(tmp_path / "in", 6)
     # more mean-field iterations than usual: each CRF task then runs long enough to be caught;
     # CRF workers asked for: on a CPU-only cluster the model actors refine by default (no CRF tasks)
-    cfg = _config(tmp_path / "in", tmp_path / "out", random_fcn, crf=CRFParams(iterations=40), crf_from_model=False, crf_workers=2)
+    cfg = _config(tmp_path / "in", tmp_path / "out", random_fcn, crf_params=(('iterations', 40),), crf_workers=2)
     plan = job.plan_stage(cfg, job.list_stage(cfg))
     with TaskKiller([f"refine_item shard-{s.shard_id}" for s in plan.shards]) as killer:
         stats = job.run_stage(cfg, plan)

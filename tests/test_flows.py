@@ -24,7 +24,7 @@ from segflow.flows.artifacts import artifact_key
 from segflow.flows.deploy import deployment_name
 from segflow.flows.locking import OutputBusyError, output_limit_name, output_lock
 from segflow.flows.parameters import flow_parameters, segment_config, storage_options_scope
-from segflow.pipeline.config import CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 from tests.prefect_server import prefect_server, wait_for  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def artifacts_with_key(key: str):
 def _every_field_changed() -> SegmentConfig:
     return SegmentConfig(
         input="/in", output="/out", model=ModelRef("fcn8s_resnet18", "/ckpt.safetensors", "none", 11, 3),
-        crf=CRFParams(iterations=2, bilateral_sxy=40.0), crf_from_model=False, shard_size=7, batch_size=3,
+        refinement="none", crf_params=(('bilateral_sxy', 40.0), ('iterations', 2)), shard_size=7, batch_size=3,
         max_pixels=1000, ray_address="auto", model_actors=2, crf_workers=3, max_shards_in_flight=4,
         max_shard_attempts=5, force=True, prune=True, retry_errors=True, content_hash=True, device="cpu",
         autocast="off", channels_last=False, compile=True, progress=False, storage_options={"key": SECRET},

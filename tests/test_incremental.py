@@ -125,7 +125,7 @@ def test_model_or_crf_change_reprocesses_everything(ray_local, random_fcn, tmp_p
     plan, _ = _run(cfg)
     first_shards = {s.shard_id for s in plan.shards}
 
-    other_crf = cfg.with_(crf=CRFParams(iterations=2), crf_from_model=False)
+    other_crf = cfg.with_(crf_params=(('iterations', 2),))
     plan, summary = _run(other_crf)
     assert (plan.to_process, summary.masks, summary.up_to_date) == (4, 4, 0)
     assert {s.shard_id for s in plan.shards}.isdisjoint(first_shards)
@@ -228,7 +228,7 @@ def test_noop_plan_over_20k_entry_manifest_is_fast(random_fcn, tmp_path):
     plan = job.plan_stage(cfg, job.list_stage(cfg))
     assert plan.to_process == n
     fingerprints = {"job_fingerprint": plan.job_fingerprint, "model_fingerprint": plan.model_fingerprint,
-                    "crf_fingerprint": plan.crf.fingerprint()}
+                    "crf_fingerprint": plan.refinement.fingerprint()}
     for shard in plan.shards:
         rows = [{"uri": u, "key": k, "shard_id": shard.shard_id, "height": 48, "width": 64, **fingerprints}
                 for u, k in zip(shard.uris, shard.keys)]

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from segflow.pipeline import job
-from segflow.pipeline.config import CRFParams, SegmentConfig
+from segflow.pipeline.config import SegmentConfig
 from segflow.pipeline.reader import load_mask, read_errors, read_masks
 from tests.collection import BOMB_PIXEL_LIMIT, make_collection
 
@@ -69,7 +69,7 @@ def test_shard_ids_are_deterministic(random_fcn, collection, tmp_path):
     first = [s.shard_id for s in job.plan_stage(cfg, job.list_stage(cfg)).shards]
     again = [s.shard_id for s in job.plan_stage(cfg, job.list_stage(cfg)).shards]
     assert first == again and len(first) == len(set(first)) == 4
-    other_crf = cfg.with_(crf=CRFParams(iterations=3), crf_from_model=False)
+    other_crf = cfg.with_(crf_params=(('iterations', 3),))
     changed = [s.shard_id for s in job.plan_stage(other_crf, job.list_stage(other_crf)).shards]
     assert set(changed).isdisjoint(first)
 
@@ -91,7 +91,7 @@ def test_rerun_adds_no_duplicate_rows(ray_local, random_fcn, collection, tmp_pat
 
 def test_reader_returns_masks_as_arrays(ray_local, random_fcn, collection, tmp_path):
     root, expected = collection
-    job.run_segment(_config(root, tmp_path / "out", random_fcn, crf=None))
+    job.run_segment(_config(root, tmp_path / "out", random_fcn, refinement="none"))
     uri = str(root / "c_odd.webp")
     mask = load_mask(str(tmp_path / "out"), uri)
     assert mask.shape == (37, 53) and mask.dtype == np.uint8 and mask.max() < 11

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from segflow.errors import UsageError
 from segflow.flows.commands.options import add_engine_args, config_from_args, json_object
+from segflow.flows.parameters import Pairing
 from segflow.pipeline.config import LabelPairing
 
 
@@ -18,14 +19,15 @@ def add_parser(sub) -> None:
     p.add_argument("labels_location", metavar="LABELS", nargs="?")
     p.add_argument("output", metavar="OUTPUT", nargs="?")
     g = p.add_argument_group("ground truth")
-    g.add_argument("--image-suffix", default="", help="stem suffix of images to strip before pairing (Cityscapes: _leftImg8bit)")
-    g.add_argument("--label-suffix", default="", help="stem suffix of labels (Cityscapes: _gtFine_labelIds)")
-    g.add_argument("--label-format", choices=("index", "palette", "rgb"), default="index", help="class-index PNG, palette PNG (VOC) or colour-coded RGB")
-    g.add_argument("--colors", help='JSON colour table for --label-format rgb: {"128,64,128": 3, ...}')
-    g.add_argument("--remap", help='JSON map of label values to classes, e.g. Cityscapes labelIds->trainIds {"7": 0, "8": 1}; unmapped -> ignore')
+    d = Pairing.model_fields  # the defaults, written once there (the evaluate flow's `pairing` parameter)
+    g.add_argument("--image-suffix", default=d["image_suffix"].default, help="stem suffix of images to strip before pairing, e.g. Cityscapes' _leftImg8bit (default: none)")
+    g.add_argument("--label-suffix", default=d["label_suffix"].default, help="stem suffix of labels, e.g. Cityscapes' _gtFine_labelIds (default: none)")
+    g.add_argument("--label-format", choices=("index", "palette", "rgb"), default=d["format"].default, help=f"class-index PNG, palette PNG (VOC) or colour-coded RGB (default {d['format'].default})")
+    g.add_argument("--colors", help='JSON colour table for --label-format rgb: {"128,64,128": 3, ...} (default: none)')
+    g.add_argument("--remap", help='JSON map of label values to classes, e.g. Cityscapes labelIds->trainIds {"7": 0, "8": 1}; unmapped -> ignore (default: none)')
     g.add_argument("--ignore-index", type=int, help="void label value (default: the label set's, CamVid 11, else 255)")
-    g.add_argument("--boundary-tolerance", type=int, default=2, help="boundary F-score tolerance in pixels")
-    g.add_argument("--trimap-width", type=int, default=8, help="band around label boundaries for trimap mIoU, pixels")
+    g.add_argument("--boundary-tolerance", type=int, default=d["boundary_tolerance"].default, help=f"boundary F-score tolerance in pixels (default {d['boundary_tolerance'].default})")
+    g.add_argument("--trimap-width", type=int, default=d["trimap_width"].default, help=f"band around label boundaries for trimap mIoU, pixels (default {d['trimap_width'].default})")
     add_engine_args(p)
     p.set_defaults(run=run, labels=None)
 

@@ -6,13 +6,15 @@ only place that translation happens, so the CLI, config files and flows agree.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import tomllib
 from pathlib import Path
 
 from segflow.errors import UsageError
-from segflow.pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_SHARD_SIZE, CRFParams, LabelPairing, ModelRef, SegmentConfig
+from segflow.flows.parameters import Execution
+from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 
 
 def add_engine_args(p) -> None:
@@ -24,32 +26,11 @@ def add_engine_args(p) -> None:
     m.add_argument("--weights", help="torchvision weights for --model: DEFAULT, an enum name, or none")
     m.add_argument("--num-classes", type=int, help="classes of an untrained --model with --weights none")
     m.add_argument("--seed", type=int, default=0, help="seed for --weights none")
-    c = p.add_argument_group("dense CRF (pydensecrf2)")
-    c.add_argument("--no-crf", action="store_true", help="skip the CRF: masks are the model's argmax")
-    defaults = CRFParams()
-    for name, help_text in (
-        ("iterations", "mean-field iterations"),
-        ("gaussian_sxy", "smoothness kernel width, px"),
-        ("gaussian_compat", "smoothness kernel weight"),
-        ("bilateral_sxy", "appearance kernel spatial width, px"),
-        ("bilateral_srgb", "appearance kernel colour width, intensity levels"),
-        ("bilateral_compat", "appearance kernel weight"),
-    ):
-        kind = int if name == "iterations" else float
-        c.add_argument(f"--crf-{name.replace('_', '-')}", dest=f"crf_{name}", type=kind, help=f"{help_text} (default {getattr(defaults, name)}, or the checkpoint's tuned value)")
+    add_refinement_args(p)
     e = p.add_argument_group("engine")
     e.add_argument("--ray-address", help="existing Ray cluster: auto, ray://host:port (default: start a local Ray)")
-    e.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (unit of scheduling, retry, commit)")
-    e.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images only)")
-    e.add_argument("--model-actors", type=int, help="model actors (default: one per GPU, or one on CPU)")
-    e.add_argument("--crf-workers", type=int, help="concurrent CRF tasks (default: none on CPU-only clusters, where the model actors refine their own images; one per free CPU with GPUs; 0: always in the model actors)")
-    e.add_argument("--max-shards-in-flight", type=int, help="bound on open shards (memory); default 2 per model actor")
-    e.add_argument("--max-shard-attempts", type=int, default=3, help="tries before a shard's images become error rows")
-    e.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit per image")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--autocast", choices=("auto", "off", "bf16", "fp16"), default="auto", help="GPU mixed precision (auto: bf16 on GPU)")
-    e.add_argument("--compile", action="store_true", help="torch.compile the network in each model actor")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_fields(e, Execution, skip=("channels_last", "progress"))
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     r = p.add_argument_group("incremental runs")
     r.add_argument("--force", action="store_true", help="reprocess every image, even up-to-date ones")
     r.add_argument("--prune", action="store_true", help="remove rows of images deleted from the source")
@@ -57,6 +38,77 @@ def add_engine_args(p) -> None:
     r.add_argument("--content-hash", action="store_true", help="detect changes by sha256 of the bytes, not size+etag/mtime")
     s = p.add_argument_group("storage")
     s.add_argument("--storage-options", help="JSON of fsspec options (e.g. endpoint, profile); prefer env vars for secrets")
+
+
+PARAMETER_HELP = {
+    "iterations": "mean-field iterations",
+    "gaussian_sxy": "smoothness kernel width, px",
+    "gaussian_compat": "smoothness kernel weight",
+    "bilateral_sxy": "appearance kernel spatial width, px",
+    "bilateral_srgb": "appearance kernel colour width, intensity levels 0..255",
+    "bilateral_compat": "appearance kernel weight",
+}
+
+
+def add_refinement_args(p) -> None:
+    """--crf KIND and one --crf-<param> flag per parameter of any registered kind.
+
+    The flags are generated from the kinds' parameter dataclasses (segflow.models.crf), so a
+    new kind's parameters appear here without editing this file. A flag given overrides
+    only its own parameter: the others keep the checkpoint's tuned values, else the kind's.
+    """
+    from dataclasses import fields
+
+    from segflow.models.crf import DEFAULT_REFINEMENT, REFINEMENTS
+
+    c = p.add_argument_group("refinement (CRF)")
+    c.add_argument("--crf", dest="refinement", choices=tuple(REFINEMENTS), default=DEFAULT_REFINEMENT,
+                   help=f"refinement kind (default {DEFAULT_REFINEMENT}): " + "; ".join(f"{k}: {v.summary}" for k, v in REFINEMENTS.items()))
+    c.add_argument("--no-crf", dest="refinement", action="store_const", const="none", default=DEFAULT_REFINEMENT, help=f"the same as --crf none: masks are the model's argmax (default off, i.e. --crf {DEFAULT_REFINEMENT})")
+    seen: dict[str, list[str]] = {}
+    declared: dict[str, object] = {}
+    for name, kind in REFINEMENTS.items():
+        for f in fields(kind.params_type) if kind.params_type is not None else ():
+            seen.setdefault(f.name, []).append(f"{name}: {f.default}")
+            declared.setdefault(f.name, f)
+    for pname, defaults in seen.items():
+        f = declared[pname]
+        kind_type = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        what = PARAMETER_HELP.get(pname, pname.replace("_", " "))
+        c.add_argument(f"--crf-{pname.replace('_', '-')}", dest=f"crf_{pname}", type=kind_type,
+                       help=f"{what} (default: the checkpoint's tuned value, else {', '.join(defaults)})")
+
+
+def refinement_overrides(args) -> dict:
+    """The --crf-<param> flags the user gave, by parameter name."""
+    prefix = "crf_"
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and k != "crf_workers" and v is not None}
+
+
+def add_model_fields(group, model, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a pydantic model, with its description and its one default.
+
+    The flows take the same models as parameters (Prefect's UI form), so the command line
+    and the flow schema cannot drift: tests/test_config.py compares them.
+    """
+    import typing
+
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        shown = "none" if info.default is None else info.default
+        help_text = f"{info.description} (default {shown})"
+        args = typing.get_args(info.annotation)
+        if typing.get_origin(info.annotation) is typing.Literal:
+            group.add_argument(flag, choices=args, default=info.default, help=help_text)
+        elif info.annotation is bool:
+            if info.default:
+                raise TypeError(f"{model.__name__}.{name}: a flag for a bool that defaults to True needs a --no- form")
+            group.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = next((a for a in args if a is not type(None)), info.annotation)
+            group.add_argument(flag, type=kind, default=info.default, help=help_text)
 
 
 def apply_config_file(parser, path: str) -> None:
@@ -69,24 +121,34 @@ def apply_config_file(parser, path: str) -> None:
         values = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"--config {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({exc})") from None
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a table of option names and values")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    if values.pop("no_crf", False):
+        values["refinement"] = "none"
+    if "crf" in values:  # the flag's name; its destination is `refinement`
+        values["refinement"] = values.pop("crf")
+    known = {a.dest for a in parser._actions if a.dest not in ("help", "config")} | CONFIG_ONLY_KEYS
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--config {path}: unknown option {key!r}{hint}")
+    parser.set_defaults(**values)
+
+
+CONFIG_ONLY_KEYS = {"images", "labels", "output", "input"}  # positional arguments a config file may give by name
 
 
 def config_from_args(args, input: str, output: str, evaluation: LabelPairing | None = None) -> SegmentConfig:
     """Build the job's SegmentConfig from parsed flags."""
-    crf = None
-    if not args.no_crf:
-        overrides = {name: getattr(args, f"crf_{name}") for name in CRFParams.__dataclass_fields__ if getattr(args, f"crf_{name}", None) is not None}
-        crf = CRFParams(**{**CRFParams().__dict__, **overrides})
-        crf_from_model = not overrides
-    else:
-        crf_from_model = False
+    overrides = refinement_overrides(args) if args.refinement != "none" else {}
     return SegmentConfig(
         input=input,
         output=output,
         model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed),
-        crf=crf,
-        crf_from_model=crf_from_model,
+        refinement=args.refinement,
+        crf_params=tuple(overrides.items()),
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,

@@ -70,3 +70,28 @@ def refine_with_crf(rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np
     )
     q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
     return q.argmax(axis=0).reshape(height, width).astype(np.uint8)
+
+
+class DenseCRF:
+    """The `dense` refinement kind: pydensecrf2 on a CPU worker, one image at a time.
+
+    Its fingerprint is the one segflow has always written (`CRFParams.fingerprint`, whose
+    payload names it "densecrf"), so outputs made before refinement became a registry stay
+    up to date.
+    """
+
+    name = "dense"
+    version = 1
+    runs_on = "cpu"
+    params_type = CRFParams
+    summary = "Krähenbühl & Koltun's fully connected CRF through pydensecrf2, on CPU workers (Chen et al.'s CNN + dense CRF)"
+
+    def __init__(self, params: CRFParams):
+        self.params = params
+
+    def fingerprint(self) -> str:
+        return self.params.fingerprint()
+
+    def refine(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image, (C, H, W) float32 probabilities -> (H, W) uint8 labels."""
+        return refine_with_crf(rgb, probs, self.params)
