@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from segflow.errors import ConfigError
 from segflow.fingerprint import digest  # noqa: F401  (re-exported)
 from segflow.models.crf import DEFAULT_REFINEMENT, refinement_kind
+
+TTA_MODES = ("none", "flip", "flip-scales")  # segflow.models.tta's, without importing torch in the driver
 from segflow.models.crf.dense import CRFParams  # noqa: F401  (re-exported)
 
 DEFAULT_SHARD_SIZE = 64
@@ -23,7 +25,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb limit, ~ a 7300x5500 photo
 class ModelRef:
     """Which model to run: a registry name, a checkpoint URL, torchvision weights, a seed.
 
-    All None means the bundled CamVid FCN-8s.
+    All None means the bundled CamVid FCN-8s. `tta` averages the network's logits over
+    mirrored (and rescaled) copies inside the model actor, before the refinement; it is part
+    of the model fingerprint when it is not "none".
     """
 
     model: str | None = None
@@ -31,6 +35,11 @@ class ModelRef:
     weights: str | None = None
     num_classes: int | None = None
     seed: int = 0
+    tta: str = "none"  # test-time augmentation (segflow.models.tta): none | flip | flip-scales
+
+    def __post_init__(self):
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 
 
 @dataclass(frozen=True)

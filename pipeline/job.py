@@ -116,12 +116,13 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     t0 = time.perf_counter()
     m = cfg.model
     info = describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
+    model_fingerprint = info.fingerprint if m.tta == "none" else digest({"model": info.fingerprint, "tta": m.tta})
     refinement = _resolve_refinement(cfg, info.meta)
     crf_fingerprint = refinement.fingerprint()
     evaluation = asdict(cfg.evaluation) if cfg.evaluation is not None else None
     if evaluation is not None:
         evaluation.pop("labels")  # where labels live is not what they mean
-    job_fingerprint = digest({"model": info.fingerprint, "crf": crf_fingerprint, "evaluation": evaluation})
+    job_fingerprint = digest({"model": model_fingerprint, "crf": crf_fingerprint, "evaluation": evaluation})
     existing = read_existing(cfg.output, cfg.storage_options)
     work = diff_work(manifest, existing, job_fingerprint, cfg.force, cfg.retry_errors, cfg.prune)
     unpaired = (manifest.schema.metadata or {}).get(b"unpaired_labels", b"").decode()
@@ -132,7 +133,7 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
         deleted=work.deleted,
         drop_uris=work.drop_uris,
         unpaired_labels=[u for u in unpaired.split("\n") if u],
-        model_fingerprint=info.fingerprint,
+        model_fingerprint=model_fingerprint,
         refinement=refinement,
         job_fingerprint=job_fingerprint,
         labels=info.labels.to_dict(),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from segflow.errors import UsageError
 from segflow.flows.parameters import Execution
-from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
+from segflow.pipeline.config import TTA_MODES, LabelPairing, ModelRef, SegmentConfig
 
 
 def add_engine_args(p) -> None:
@@ -25,7 +25,8 @@ def add_engine_args(p) -> None:
     m.add_argument("--checkpoint", help="checkpoint URL (local path, s3://...): safetensors with segflow metadata")
     m.add_argument("--weights", help="torchvision weights for --model: DEFAULT, an enum name, or none")
     m.add_argument("--num-classes", type=int, help="classes of an untrained --model with --weights none")
-    m.add_argument("--seed", type=int, default=0, help="seed for --weights none")
+    m.add_argument("--seed", type=int, default=0, help="seed for --weights none (default 0)")
+    m.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation, averaged in logit space before the CRF: flip (2 passes) or flip-scales (0.75/1/1.25, 6 passes) (default none)")
     add_refinement_args(p)
     e = p.add_argument_group("engine")
     e.add_argument("--ray-address", help="existing Ray cluster: auto, ray://host:port (default: start a local Ray)")
@@ -146,7 +147,7 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
     return SegmentConfig(
         input=input,
         output=output,
-        model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed),
+        model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed, args.tta),
         refinement=args.refinement,
         crf_params=tuple(overrides.items()),
         shard_size=args.shard_size,
