@@ -13,7 +13,7 @@ import sys
 
 from segflow.errors import UsageError
 
-COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule")
+COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule", "diff", "review")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,15 +85,15 @@ def build_gallery(
     out = []
     for r in images:
         row = GalleryRow(r["uri"], r.get("label_uri"), r.get("raw_miou"), r.get("crf_miou"))
-        photo, why = _read_rgb(r["uri"], options)
+        photo, why = read_rgb(r["uri"], options)
         photo_small = None
         if photo is not None:
-            size = _thumb_size(photo.shape[1::-1], thumb_width)
+            size = thumb_size(photo.shape[1::-1], thumb_width)
             photo_small = np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR))
-        row.panels.append(_panel("image", photo_small, why))
+        row.panels.append(image_panel("image", photo_small, why))
 
         label, why = _read_label(r.get("label_uri"), pairing, label_set.num_classes, options)
-        row.panels.append(_panel("ground truth", _overlay(photo_small, label, palette, thumb_width), why))
+        row.panels.append(image_panel("ground truth", overlay(photo_small, label, palette, thumb_width), why))
 
         stored = masks.get(r["uri"])
         if stored is None:
@@ -107,7 +107,7 @@ def build_gallery(
     return out
 
 
-def _read_rgb(uri: str, options: dict) -> tuple[np.ndarray | None, str | None]:
+def read_rgb(uri: str, options: dict) -> tuple[np.ndarray | None, str | None]:
     try:
         with fsspec.open(uri, "rb", **options) as f:
             return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB")), None
@@ -130,10 +130,10 @@ def _mask_panel(title: str, png: bytes, photo: np.ndarray | None, palette: np.nd
         classes = np.asarray(Image.open(io.BytesIO(png)))
     except (OSError, ValueError) as exc:
         return Panel(title, note=f"mask unreadable: {exc}")
-    return _panel(title, _overlay(photo, classes, palette, width), None)
+    return image_panel(title, overlay(photo, classes, palette, width), None)
 
 
-def _overlay(photo: np.ndarray | None, classes: np.ndarray | None, palette: np.ndarray, width: int) -> np.ndarray | None:
+def overlay(photo: np.ndarray | None, classes: np.ndarray | None, palette: np.ndarray, width: int) -> np.ndarray | None:
     """(h, w, 3) uint8 thumbnail and (H, W) class map -> (h, w, 3) uint8 with the classes' colours blended in.
 
     The class map is resized (nearest) to the thumbnail. Values outside the palette (void)
@@ -141,7 +141,7 @@ def _overlay(photo: np.ndarray | None, classes: np.ndarray | None, palette: np.n
     """
     if classes is None:
         return None
-    size = (photo.shape[1], photo.shape[0]) if photo is not None else _thumb_size(classes.shape[::-1], width)
+    size = (photo.shape[1], photo.shape[0]) if photo is not None else thumb_size(classes.shape[::-1], width)
     small = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.NEAREST))
     base = photo.astype(np.float32) if photo is not None else np.full((size[1], size[0], 3), 128, np.float32)
     known = (small >= 0) & (small < len(palette))
@@ -150,7 +150,7 @@ def _overlay(photo: np.ndarray | None, classes: np.ndarray | None, palette: np.n
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
-def _panel(title: str, rgb: np.ndarray | None, why: str | None) -> Panel:
+def image_panel(title: str, rgb: np.ndarray | None, why: str | None) -> Panel:
     if rgb is None:
         return Panel(title, note=why or "not available")
     buffer = io.BytesIO()
@@ -158,6 +158,6 @@ def _panel(title: str, rgb: np.ndarray | None, why: str | None) -> Panel:
     return Panel(title, data_uri="data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
 
 
-def _thumb_size(size: tuple[int, int], width: int) -> tuple[int, int]:
+def thumb_size(size: tuple[int, int], width: int) -> tuple[int, int]:
     w, h = size
     return width, max(1, round(h * width / w))
