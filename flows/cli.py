@@ -1,8 +1,16 @@
 """The `segflow` command line: one subcommand per module in `flows/commands/`.
 
 Each command module exposes `add_parser(subparsers)` and `run(args) -> int`. This file
-only dispatches, and turns segflow's own errors into one-line messages (exit 2) instead
-of tracebacks.
+only dispatches, and turns segflow's own errors into one-line messages instead of
+tracebacks, with an exit code that says what happened (README, "Exit codes"):
+
+    0    every image has a mask, or an error row blaming the image itself
+    1    the job ran to its end, but some images failed for reasons not their own
+         (error rows of stage shard/infer/refine); a rerun retries them
+    2    nothing ran: a bad flag or option, a missing INPUT, a model that does not resolve
+    3    the job stopped early: a worker could not start (ImportError, missing weights,
+         CUDA), or storage failed; committed shards stay, a rerun resumes
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import sys
 
 from segflow.errors import UsageError
 
-COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule", "diff", "review")
+COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule", "models", "diff", "review")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the CLI boundary: known errors become one line
         if _is_user_facing(exc):
             print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return exit_code(exc)
         raise
+
+
+EXIT_INCOMPLETE, EXIT_USAGE, EXIT_STOPPED = 1, 2, 3
+
+
+def exit_code(exc: Exception) -> int:
+    """The exit code for one of segflow's own errors (see the module docstring)."""
+    from segflow.errors import IncompleteRunError, JobStoppedError, StorageError
+
+    if isinstance(exc, IncompleteRunError):
+        return EXIT_INCOMPLETE
+    if isinstance(exc, (JobStoppedError, StorageError)):
+        return EXIT_STOPPED
+    return EXIT_USAGE
 
 
 def _is_user_facing(exc: Exception) -> bool:

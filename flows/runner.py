@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -49,11 +50,13 @@ def check_model(cfg: SegmentConfig) -> None:
 
 
 def run_segment_job(cfg: SegmentConfig) -> job.RunSummary:
+    """Run the segment flow and print its summary (also when it raises IncompleteRunError: cli.py's exit 1)."""
     api = preflight(cfg)
     from segflow.flows.segment import run_segment_flow
 
     _wait_for(api)
-    summary = run_segment_flow(cfg)
+    with _summary_of_incomplete_run():
+        summary = run_segment_flow(cfg)
     print_summary(summary)
     return summary
 
@@ -63,7 +66,8 @@ def run_evaluate_job(cfg: SegmentConfig) -> tuple[job.RunSummary, dict]:
     from segflow.flows.evaluate import run_evaluate_flow
 
     _wait_for(api)
-    summary, evaluation = run_evaluate_flow(cfg)
+    with _summary_of_incomplete_run():
+        summary, evaluation = run_evaluate_flow(cfg)
     print_summary(summary)
     print_evaluation(evaluation)
     return summary, evaluation
@@ -121,6 +125,19 @@ def _wait_for(starter: threading.Thread | None) -> None:
 
 def _drop_temporary_server_notices(record: logging.LogRecord) -> bool:
     return not (record.name == "prefect" and record.getMessage().startswith(("Starting temporary server", "Stopping temporary server")))
+
+
+@contextlib.contextmanager
+def _summary_of_incomplete_run():
+    """Print the summary a run that ended with images to retry carries, then let its error through."""
+    from segflow.errors import IncompleteRunError
+
+    try:
+        yield
+    except IncompleteRunError as exc:
+        if exc.summary is not None:
+            print_summary(exc.summary)
+        raise
 
 
 def print_summary(summary: job.RunSummary) -> None:

@@ -38,7 +38,7 @@ from segflow.flows.locking import output_lock
 from segflow.pipeline import job
 from segflow.pipeline.cluster import connect
 from segflow.pipeline.config import SegmentConfig
-from segflow.errors import SegflowError, StorageError
+from segflow.errors import IncompleteRunError, SegflowError, StorageError
 from segflow.pipeline.storage import redact
 
 STORAGE_RETRIES = 3
@@ -57,6 +57,10 @@ def run_job(cfg: SegmentConfig, flow: str, wait_for_output_seconds: float | None
 
     Everything that reads or writes OUTPUT happens under its lock (flows/locking.py).
     A dry run only lists and plans, publishes the plan, and takes no lock.
+
+    Raises IncompleteRunError, once the report is published, when some images failed for
+    reasons not their own (their rows do not count as done), so that the flow run ends
+    Failed, not Completed; a job that stopped early has raised already.
     """
     if dry_run:
         plan = plan_work(cfg, list_inputs(cfg))
@@ -68,6 +72,12 @@ def run_job(cfg: SegmentConfig, flow: str, wait_for_output_seconds: float | None
         summary = summarise_run(cfg, plan, stats)
         evaluation = aggregate_metrics(cfg, plan) if cfg.evaluation is not None else None
     publish_report(summary, cfg.output, flow, plan, evaluation)
+    if summary.errors_to_retry:
+        raise IncompleteRunError(
+            f"{summary.errors_to_retry} of {summary.images_total} images failed for reasons that are not theirs "
+            f"(see errors/ in {redact(cfg.output)}, stage shard/infer/refine); rerun the same command to retry them",
+            summary=summary,
+        )
     return JobResult(plan, summary, evaluation)
 
 

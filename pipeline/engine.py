@@ -10,10 +10,14 @@ yield the rows themselves; the driver then collects them directly.
 At most `max_in_flight` shards are open at once, which bounds the decoded images and
 logits in the object store however large the collection. A shard whose actor dies, or
 whose refinement fails unexpectedly, is retried whole (actors restart on their own); one
-that fails `max_attempts` times becomes error rows, and the job goes on, unless storage
-itself failed: then the job stops (error rows would mark the images done) and a rerun
-resumes. After a failure its actor gets no new shard until it answers a readiness probe,
-so a restarting actor cannot burn the attempts of the shards that follow.
+that fails `max_attempts` times becomes error rows that blame the run, not the images
+(`image_fault` false: a rerun tries them again), and the job goes on. Two failures stop
+the job instead, since they say nothing about the images and would fail every shard:
+storage failing, and a worker that cannot start (a model actor whose constructor raises,
+a refinement worker that cannot import). No error rows are written for images never
+tried; committed shards stay and a rerun resumes. After a failure its actor gets no new
+shard until it answers a readiness probe, so a restarting actor cannot burn the attempts
+of the shards that follow.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Callable
 from segflow.pipeline.cluster import ClusterPlan
 from segflow.pipeline.commit import commit_shard
 from segflow.pipeline.config import ModelRef
-from segflow.errors import StorageError
+from segflow.errors import JobStoppedError, StorageError
 from segflow.pipeline.inference import InferenceOptions, ModelWorker
 from segflow.pipeline.refine import RefineContext, refine_item, warm_up
 from segflow.pipeline.sharding import Shard
@@ -43,6 +47,7 @@ class ExecutionStats:
 
     masks: int = 0
     errors: int = 0
+    errors_to_retry: int = 0  # error rows not of the image's making (image_fault false)
     shards_committed: int = 0
     shard_retries: int = 0
     pruned: int = 0
@@ -135,8 +140,9 @@ class ShardExecutor:
 
         `on_progress(n)` is called as images finish (a retried shard's images count again).
         Raises StorageError when a shard's last attempt failed because storage did (an
-        outage, missing credentials): such a failure says nothing about its images, so they
-        get no error rows; committed shards stay, and a rerun resumes.
+        outage, missing credentials), and JobStoppedError at the first shard that failed
+        because a worker cannot start (`_worker_start_failure`): such failures say nothing
+        about the images, so they get no error rows; committed shards stay, and a rerun resumes.
         """
         stats = ExecutionStats(stage_seconds={c: 0.0 for c in _STAGE_COLUMNS})
         self._on_progress = on_progress or (lambda n: None)
@@ -247,6 +253,12 @@ class ShardExecutor:
                 self._ray.cancel(ref)
             except Exception:
                 pass
+        cannot_start = _worker_start_failure(exc)
+        if cannot_start is not None:
+            # Every attempt of every shard would fail the same way (a failed constructor is not
+            # retried by Ray), and error rows would blame images that were never tried.
+            raise JobStoppedError(f"{cannot_start}; no image was recorded as failed: fix the cause and rerun "
+                                  "(committed shards are kept)") from None
         self._probe(o.actor)
         reason = _failure_reason(exc)
         if o.attempt < self.max_attempts:
@@ -263,7 +275,7 @@ class ShardExecutor:
         o.masks, o.metrics = [], []
         o.errors = [
             {"uri": u, "key": k, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
-             "reason": f"shard failed {o.attempt} times, last: {reason}", **self._fingerprints()}
+             "reason": f"shard failed {o.attempt} times, last: {reason}", "image_fault": False, **self._fingerprints()}
             for u, k in zip(o.shard.uris, o.shard.keys)
         ]
         self._commit(o, stats)
@@ -297,13 +309,14 @@ class ShardExecutor:
         missing = [(u, k) for u, k in zip(o.shard.uris, o.shard.keys) if u not in accounted]
         for uri, key in missing:  # defensive: the invariant is every input in exactly one of masks or errors
             o.errors.append({"uri": uri, "key": key, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
-                             "reason": "no result came back for this image", **self._fingerprints()})
+                             "reason": "no result came back for this image", "image_fault": False, **self._fingerprints()})
         commit_shard(
             self.output, o.shard.shard_id, o.masks, o.errors, o.metrics if self.evaluating else None,
             self.file_metadata, self.storage_options,
         )
         stats.masks += len(o.masks)
         stats.errors += len(o.errors)
+        stats.errors_to_retry += sum(1 for r in o.errors if not r["image_fault"])
         stats.shards_committed += 1
 
 
@@ -311,6 +324,38 @@ def _storage_failure(exc: BaseException) -> StorageError | None:
     """The StorageError behind a failed shard (Ray wraps a worker's in RayTaskError), or None."""
     cause = getattr(exc, "cause", exc)  # a ray.exceptions.RayTaskError holds the worker's exception
     return cause if isinstance(cause, StorageError) else None
+
+
+def _worker_start_failure(exc: BaseException) -> str | None:
+    """One line naming why a worker cannot start, when that is why a shard failed; else None.
+
+    Two cases, both deterministic and neither about an image: a model actor whose
+    constructor raised (Ray delivers an ActorDiedError with `actor_init_failed`, holding
+    the constructor's traceback as text, maybe inside the RayTaskError of a CRF task that
+    needed its output), and an ImportError in a model actor or a refinement task (its
+    environment lacks a module, or imports someone else's package of the same name).
+    """
+    from ray.exceptions import RayActorError
+
+    for error in (exc, getattr(exc, "cause", None)):
+        if isinstance(error, RayActorError) and getattr(error, "actor_init_failed", False):
+            return f"a model actor cannot start: {_last_exception_line(str(error))}"
+        if isinstance(error, ImportError):
+            cause = getattr(error, "cause", error)
+            return f"a worker cannot import what it needs: {type(cause).__name__}: {_first_line(str(cause))}"
+    return None
+
+
+def _last_exception_line(traceback_text: str) -> str:
+    """`Type: message` at the end of a traceback's text (what a constructor raised)."""
+    lines = [line for line in _ANSI_ESCAPE.sub("", traceback_text).splitlines() if line.strip()]
+    start = max((i for i, line in enumerate(lines) if line[:1].isspace()), default=-1) + 1
+    return " ".join(line.strip() for line in lines[start:])[:_REASON_MAX] or "unknown cause"
+
+
+def _first_line(text: str) -> str:
+    text = _ANSI_ESCAPE.sub("", text).strip()
+    return text.splitlines()[0] if text else ""
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")

@@ -133,11 +133,11 @@ class ModelWorker:
             rgb = decode_image(data, uri, self.options.max_pixels)
             return {**base, "rgb": rgb, "seconds_read": t1 - t0, "seconds_decode": time.perf_counter() - t1}
         except ImageError as exc:
-            return {**base, "failure": {"stage": exc.stage, "reason": exc.reason}}
-        except StorageError:
-            raise  # an outage says nothing about this image: the shard fails and is retried whole
+            return {**base, "failure": {"stage": exc.stage, "reason": exc.reason, "image_fault": True}}
+        except (StorageError, ImportError):
+            raise  # an outage or a missing module says nothing about this image: the shard fails (engine.py)
         except Exception as exc:  # never lose an image: anything unexpected becomes its error row
-            return {**base, "failure": {"stage": "read", "reason": f"{type(exc).__name__}: {exc}"}}
+            return {**base, "failure": {"stage": "read", "reason": f"{type(exc).__name__}: {exc}", "image_fault": True}}
 
     def _run_batch(self, items: list[dict]):
         if not items:
@@ -148,7 +148,9 @@ class ModelWorker:
         except Exception as exc:
             for it in items:
                 it.pop("rgb", None)
-                yield {**it, "failure": {"stage": "infer", "reason": f"{type(exc).__name__}: {exc}"}}
+                # the network failed, not the image (a CUDA error, memory): the row does not count
+                # as done, and a rerun tries the image again
+                yield {**it, "failure": {"stage": "infer", "reason": f"{type(exc).__name__}: {exc}", "image_fault": False}}
             return
         per_image = (time.perf_counter() - t0) / len(items)
         for it, lowres in zip(items, logits):

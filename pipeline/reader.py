@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 
 from segflow.pipeline.commit import ERRORS, MASKS, METRICS
 from segflow.pipeline.masks import decode_mask
-from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA
+from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, image_fault
 from segflow.pipeline.state import committed_files
 from segflow.pipeline.storage import filesystem_for
 
@@ -45,7 +45,17 @@ def read_masks(output: str, columns: list[str] | None = None, filter=None, stora
 
 
 def read_errors(output: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
-    return _read(output, ERRORS, ERRORS_SCHEMA, columns, None, storage_options)
+    """The errors table (see README for columns).
+
+    `image_fault` is filled in for rows of outputs written before it existed, from `stage`.
+    """
+    paths = committed_files(output, ERRORS, storage_options)
+    if not paths:
+        return ERRORS_SCHEMA.empty_table().select(columns) if columns else ERRORS_SCHEMA.empty_table()
+    fs, _ = filesystem_for(output, storage_options)
+    table = ds.dataset(paths, schema=ERRORS_SCHEMA, filesystem=fs, format="parquet").to_table()
+    table = table.set_column(table.schema.get_field_index("image_fault"), "image_fault", image_fault(table))
+    return table.select(columns) if columns else table
 
 
 def read_metrics(output: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:

@@ -44,5 +44,26 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         *FINGERPRINT_FIELDS,
         pa.field("node_id", pa.string()),
+        # True: the image itself failed (unreadable, undecodable, too many pixels, bad label), and
+        # the row counts as done; False: something else did (the model, the CRF, a lost worker),
+        # and a plain rerun tries the image again. Null in files written before the column existed.
+        pa.field("image_fault", pa.bool_()),
     ]
 )
+
+# Stages whose failures are the image's own; what decides `image_fault` for older rows.
+IMAGE_FAULT_STAGES = ("read", "decode", "label")
+
+
+def image_fault(errors: pa.Table) -> pa.ChunkedArray:
+    """Each error row's `image_fault`; where it is null or absent (older outputs), decided by `stage`.
+
+    Those outputs recorded every failure as done. Their rows of stages read/decode/label
+    blamed the image; shard/infer/refine rows did not, and are now tried again.
+    """
+    import pyarrow.compute as pc
+
+    by_stage = pc.is_in(errors.column("stage"), value_set=pa.array(IMAGE_FAULT_STAGES, pa.string()))
+    if "image_fault" not in errors.column_names:
+        return by_stage if isinstance(by_stage, pa.ChunkedArray) else pa.chunked_array([by_stage])
+    return pc.coalesce(errors.column("image_fault"), by_stage)

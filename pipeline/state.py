@@ -5,7 +5,9 @@ sync. A committed shard is one whose masks file exists (it is written last); row
 committed shards say which (uri, key, job fingerprint) results exist.
 
 An image is up to date when it has a row whose content key and job fingerprint match
-this run. Everything else is work. Rows that a run will supersede are removed *before*
+this run and that counts as done: a mask, or an error row blaming the image itself
+(`image_fault`; unreadable, undecodable, too large, bad label). An error row blaming the
+run (a failed shard, model or CRF) is retried by the next run. Everything else is work. Rows that a run will supersede are removed *before*
 the new results are produced ("invalidate, then process"): a crash in between loses no
 input (the image simply has no row and is picked up again) and can never leave two rows
 for one image.
@@ -22,6 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from segflow.pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
+from segflow.pipeline.schema import ERRORS_SCHEMA, image_fault
 from segflow.pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
 
 SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")  # sharding.Shard.file_name; group 1: the shard id
@@ -30,7 +33,10 @@ _STATE_COLUMNS = ["uri", "key", "job_fingerprint", "shard_id"]
 
 @dataclass
 class ExistingOutputs:
-    """Rows of committed shards (uri, key, job_fingerprint, shard_id, dataset) and file locations."""
+    """Rows of committed shards (uri, key, job_fingerprint, shard_id, dataset, done) and file locations.
+
+    `done`: a mask, or an error row blaming the image (schema.image_fault).
+    """
 
     rows: pa.Table
     files: dict[tuple[str, str], str] = field(default_factory=dict)  # (dataset, shard_id) -> path
@@ -110,9 +116,18 @@ def read_existing(output: str, storage_options: dict | None = None, remove_lefto
     tables = []
     for dataset in (MASKS, ERRORS):
         paths = [p for (d, _), p in files.items() if d == dataset]
-        if paths:
+        if not paths:
+            continue
+        if dataset == MASKS:
             t = ds.dataset(paths, filesystem=fs, format="parquet").to_table(columns=_STATE_COLUMNS)
-            tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
+            done = pa.array([True] * len(t), pa.bool_())
+        else:  # the schema given: files from before `image_fault` read it as null (decided by stage)
+            schema = pa.schema([ERRORS_SCHEMA.field(c) for c in [*_STATE_COLUMNS, "stage", "image_fault"]])
+            t = ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()
+            done = image_fault(t)
+            t = t.select(_STATE_COLUMNS)
+        t = t.append_column("dataset", pa.array([dataset] * len(t), pa.string()))
+        tables.append(t.append_column("done", done))
     rows = pa.concat_tables(tables) if tables else _empty_state()
     return ExistingOutputs(rows=rows, files=files, fs=fs)
 
@@ -136,8 +151,8 @@ def diff_work(manifest: pa.Table, existing: ExistingOutputs, job_fingerprint: st
         done_uris = pa.array([], pa.string())
     else:
         good = pc.and_(pc.equal(rows.column("job_fingerprint"), job_fingerprint), pc.is_valid(rows.column("key")))
-        if retry_errors:  # error rows do not count as done: those images are tried again
-            good = pc.and_(good, pc.equal(rows.column("dataset"), MASKS))
+        # error rows blaming the run never count as done; with retry_errors, no error row does
+        good = pc.and_(good, pc.equal(rows.column("dataset"), MASKS) if retry_errors else rows.column("done"))
         current = rows.filter(good).select(["uri", "key"])
         matched = manifest.select(["uri", "key"]).join(current, keys=["uri", "key"], join_type="inner")
         # an image with two rows (impossible unless files were edited by hand) is redone to heal it
@@ -175,4 +190,4 @@ def drop_rows(output: str, existing: ExistingOutputs, drop_uris: set[str], keep_
 
 
 def _empty_state() -> pa.Table:
-    return pa.table({c: pa.array([], pa.string()) for c in [*_STATE_COLUMNS, "dataset"]})
+    return pa.table({**{c: pa.array([], pa.string()) for c in [*_STATE_COLUMNS, "dataset"]}, "done": pa.array([], pa.bool_())})

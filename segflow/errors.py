@@ -27,6 +27,28 @@ class StorageError(SegflowError):
     """Reading or writing storage failed after retries."""
 
 
+class JobStoppedError(SegflowError):
+    """The job stopped before trying every image, for a reason that is not the images'.
+
+    A model actor that cannot be constructed (an ImportError, missing weights, a CUDA
+    error) or a refinement worker that cannot import is the environment's or the
+    configuration's fault: recording the images as errors would mark them done. No error
+    rows are written for them; committed shards stay, and a rerun resumes once it is fixed.
+    """
+
+
+class IncompleteRunError(SegflowError):
+    """The job ran to its end, but some images failed for reasons not their own.
+
+    Their error rows (stage shard, infer or refine) do not count as done: a plain rerun
+    tries them again. `summary` is the run's `job.RunSummary`, for the caller's report.
+    """
+
+    def __init__(self, message: str, summary=None):
+        super().__init__(message)
+        self.summary = summary
+
+
 class ImageError(SegflowError):
     """One image cannot be processed; becomes an error row rather than failing the job."""
 

@@ -1,14 +1,42 @@
-"""Shared fixtures: one real local Ray per session, CamVid location, quiet Prefect."""
+"""Shared fixtures: one real local Ray per session, CamVid location, quiet Prefect.
+
+The suite leaves the machine as it found it. Before anything imports Prefect or starts
+Ray, this module gives the session (and every subprocess it starts, through the
+environment) a folder of its own, removed at the end: Prefect's home (its database, where
+every ephemeral flow run of the CLI tests lands, profiles, memo store) and Ray's temporary
+files (sessions, logs, sockets). Without it a run of the suite left ~40 flow runs, one of
+them RUNNING, in the user's ~/.prefect. The folder sits directly under /tmp with a short
+name: Ray's Unix socket paths live under it and must fit in 107 bytes. A user's
+PREFECT_API_URL, PREFECT_PROFILE and RAY_ADDRESS are dropped (tests must not reach their
+servers or clusters), and local Ray clusters get a session token instead of generating
+~/.ray/auth_token.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="sft-", dir="/tmp"))
+for _name in ("PREFECT_API_URL", "PREFECT_PROFILE", "RAY_ADDRESS"):
+    os.environ.pop(_name, None)
+os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect")
+os.environ["PREFECT_PROFILES_PATH"] = str(SESSION_DIR / "prefect" / "profiles.toml")
+os.environ["RAY_TMPDIR"] = str(SESSION_DIR)  # Ray's default temp dir becomes $RAY_TMPDIR/ray
+if "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def pytest_unconfigure(config):
+    """Remove the session's Prefect home and Ray temp dir (after every fixture has stopped its Ray)."""
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 

@@ -246,13 +246,16 @@ def test_shard_failing_every_attempt_becomes_error_rows_and_the_job_goes_on(ray_
     assert sorted(e["uri"] for e in errors) == sorted(doomed.uris)
     for e in errors:
         assert (e["stage"], e["attempts"], e["shard_id"]) == ("shard", 2, doomed.shard_id)
+        assert e["image_fault"] is False  # the run failed the images, not the other way round: not done
         # the cause inside Ray's wrapper, in plain text: ActorDiedError or ActorUnavailableError
         assert re.match(r"shard failed 2 times, last: Actor\w+Error: The actor ", e["reason"]), e["reason"]
         assert "\x1b" not in e["reason"]
     masks = read_masks(cfg.output, columns=["uri"]).column("uri").to_pylist()
     assert sorted(masks) == sorted(u for s in plan.shards if s is not doomed for u in s.uris)
-    assert (stats.masks, stats.errors, stats.shards_committed) == (4, 2, 3)
+    assert (stats.masks, stats.errors, stats.errors_to_retry, stats.shards_committed) == (4, 2, 2, 3)
     assert verify_output(cfg.output, cfg.input) == []
+    replan = job.plan_stage(cfg, job.list_stage(cfg))
+    assert [u for s in replan.shards for u in s.uris] == list(doomed.uris)  # a plain rerun retries them
 
 
 def test_shards_after_a_lost_actor_wait_for_its_restart(ray_local, random_fcn, tmp_path):

@@ -65,6 +65,23 @@ def test_model_actors_spread_over_two_nodes_and_output_is_complete(two_nodes, tm
     assert verify_output(str(tmp_path / "out"), str(tmp_path / "in")) == []
 
 
+def test_a_job_from_a_user_folder_shadowing_segflows_folders_gives_every_image_a_mask(two_nodes, tmp_path):
+    """The driver's working directory holds its own models/, pipeline/ and flows/ (raising
+    ImportError on import); Ray puts that directory on both nodes' worker paths."""
+    from tests.test_user_folder import make_user_project
+
+    write_scenes(tmp_path / "in", 4)
+    project = make_user_project(tmp_path / "project")
+    driver = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(tmp_path / "in"), str(tmp_path / "out"), two_nodes.address],
+        env=two_nodes.env, cwd=project, capture_output=True, text=True, timeout=240,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert (report["masks"], report["errors"]) == (4, 0)
+    assert verify_output(str(tmp_path / "out"), str(tmp_path / "in")) == []
+
+
 _CONNECT = """
 import sys
 from segflow.pipeline.cluster import connect
