@@ -122,3 +122,36 @@ def _cell(value):
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 4)
     return value
+
+
+def publish_changes(summary: dict, report: str, output: str, classes_shown: int = 5) -> None:
+    """What a reprocess changed (`pipeline.diff` summary of the images it replaced): counts, the most changed
+    classes, and a link to the diff report. Every number comes from the summed change matrix."""
+    from segflow.pipeline.diff import most_changed_classes
+
+    over = summary["images_changed_over"]
+    rows = [{"measure": "images compared with their previous mask", "value": summary["images_compared"]},
+            {"measure": "pixels changed (share)", "value": _cell(summary["changed_fraction"])},
+            *({"measure": f"images changed > {float(t) * 100:g} %", "value": n} for t, n in over.items())]
+    classes = most_changed_classes(summary, classes_shown)
+    index = {name: i for i, name in enumerate(summary["classes"])}
+    per = summary["per_class"]
+    rows += [{"measure": f"class {name}: gained / lost px, IoU old-new",
+              "value": f"{per['gained'][index[name]]} / {per['lost'][index[name]]}, {_cell(per['iou'][index[name]])}"}
+             for name, _ in classes]
+    create_table_artifact(table=rows, key=artifact_key("changes", output),
+                          description=f"what this run changed in {redact(output)}, against the masks it replaced")
+    markdown = "\n".join([
+        f"### segflow: what changed in {redact(output)}",
+        "",
+        f"{summary['images_compared']} replaced images compared with their previous masks: "
+        f"{summary['changed_fraction'] * 100:.2f} % of pixels changed; images changed "
+        + ", ".join(f"> {float(t) * 100:g} %: {n}" for t, n in over.items()) + ".",
+        "",
+        "Most changed classes: " + (", ".join(f"{name} ({count:,} px)" for name, count in classes) or "none") + ".",
+        "",
+        f"Report: `{redact(report)}`",
+    ])
+    create_markdown_artifact(markdown=markdown, key=artifact_key("changes-summary", output), description="what changed")
+    create_link_artifact(link=_link(report), link_text="diff report.html", key=artifact_key("changes-report", output),
+                         description=f"diff report for {redact(output)}")

@@ -8,8 +8,11 @@ and defaults suited to unattended runs (no progress bars, wait for a run still w
 OUTPUT instead of failing). `flows/deploy.py` puts it on a cron schedule.
 """
 
+from datetime import datetime, timezone
+
 from prefect import flow
 
+from segflow.flows.changes import report_changes
 from segflow.flows.parameters import Execution, Refinement, run_name, segment_config
 from segflow.flows.stages import run_job
 from segflow.pipeline.config import ModelRef
@@ -41,6 +44,9 @@ def reprocess_flow(
             image whose masks carry the old fingerprint.
         dry_run: list and plan only; publish what would be processed, write nothing.
 
+    After a run that replaced masks, the images it replaced are diffed against their
+    previous versions in OUTPUT/history (OUTPUT/changes/, and artifacts: flows/changes.py).
+
     Returns the run summary, or None for a dry run.
     """
     cfg = segment_config(
@@ -48,4 +54,8 @@ def reprocess_flow(
         execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
         storage_secret=storage_secret,
     )
-    return run_job(cfg, "reprocess", wait_for_output_seconds, dry_run=dry_run).summary
+    started = datetime.now(timezone.utc)
+    result = run_job(cfg, "reprocess", wait_for_output_seconds, dry_run=dry_run)
+    if result.summary is not None and result.summary.masks:  # what the replaced masks were, and what changed
+        report_changes(cfg, result.plan.job_fingerprint, started)
+    return result.summary

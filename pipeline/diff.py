@@ -34,6 +34,7 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from multiprocessing import get_context
 
 import numpy as np
@@ -113,15 +114,16 @@ def history_url(output: str) -> str:
 
 
 def diff_outputs(output: str, diff: str, against: str | None = None, storage_options: dict | None = None,
-                 workers: int | None = None) -> dict:
+                 workers: int | None = None, replaced_by: Replacement | None = None) -> dict:
     """Compare OUTPUT's masks with their previous versions (history) or with OTHER's; write DIFF.
 
     -> the summary dict written to DIFF/summary.json. Raises InputError when OUTPUT has no
     masks, when there is no history (and no `against`), or when the two sides' label sets
-    differ (class ids would not mean the same thing).
+    differ (class ids would not mean the same thing). `replaced_by` limits a history diff to the
+    images one run replaced (what the nightly flow reports).
     """
     options = storage_options or {}
-    labels, work, index = plan_comparison(output, against, options, diff)
+    labels, work, index = plan_comparison(output, against, options, diff, replaced_by=replaced_by)
     total = ShardChange(np.zeros((labels.num_classes,) * 2, np.int64), over={t: 0 for t in THRESHOLDS})
     seen: set[str] = set()
     for part in map_shards(compare_shard, work, workers):
@@ -137,8 +139,8 @@ def diff_outputs(output: str, diff: str, against: str | None = None, storage_opt
     return summary
 
 
-def plan_comparison(output: str, against: str | None, options: dict, diff: str = "",
-                    old_required: bool = True) -> tuple[LabelSet, list[ShardWork], dict[str, str]]:
+def plan_comparison(output: str, against: str | None, options: dict, diff: str = "", old_required: bool = True,
+                    replaced_by: Replacement | None = None) -> tuple[LabelSet, list[ShardWork], dict[str, str]]:
     """-> (OUTPUT's label set, one ShardWork per committed masks file of OUTPUT, the uri -> old file index).
 
     Without `against`, the old side is OUTPUT's history; when it has none, that is an
@@ -154,7 +156,7 @@ def plan_comparison(output: str, against: str | None, options: dict, diff: str =
                              f"{len(labels.classes)}); a pixel diff needs one label set: compare outputs of the same model family")
         index = _index_against(against, options)
     elif old_required or has_history(output, options):
-        index = _index_history(output, options)
+        index = _index_history(output, options, replaced_by)
     else:
         index = {}
     new_files = committed_files(output, MASKS, options)
@@ -328,16 +330,36 @@ def _index_against(other: str, options: dict) -> dict[str, str]:
     files = committed_files(other, MASKS, options)
     if not files:
         raise InputError(f"--against {redact(other)}: no masks of committed shards there; give another output of the same collection")
-    return _index(other, files, None, options)
+    return _index(other, files, options)
 
 
-def _index_history(output: str, options: dict) -> dict[str, str]:
-    """uri -> URL of the history file holding its most recently superseded row."""
+def _index_history(output: str, options: dict, replaced_by: Replacement | None = None) -> dict[str, str]:
+    """uri -> URL of the history file holding its most recently superseded row (`replaced_by`: only rows it names)."""
     files = _history_files(output, options)
     if not files:
         raise InputError(f"{redact(history_url(output))}: no history yet (a reprocess writes it when it replaces masks); "
                          "compare with another output instead: segflow diff OUTPUT DIFF --against OTHER")
-    return _index(output, files, "superseded_at", options)
+    fs, _ = filesystem_for(output, options)
+    where: dict[str, tuple] = {}
+    for path in files:
+        table = with_retries(pq.read_table, path, filesystem=fs, columns=["uri", "superseded_at", "superseded_by"], what=path)
+        url = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        for row in table.to_pylist():
+            prior = where.get(row["uri"])
+            if prior is None or row["superseded_at"] > prior[1]["superseded_at"]:
+                where[row["uri"]] = (url, row)
+    return {uri: url for uri, (url, row) in where.items() if replaced_by is None or replaced_by.names(row)}
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """Which history rows one run wrote: superseded by its job fingerprint, at or after its start."""
+
+    job_fingerprint: str
+    since: datetime
+
+    def names(self, row: dict) -> bool:
+        return row["superseded_by"] == self.job_fingerprint and row["superseded_at"] >= self.since
 
 
 def _history_files(output: str, options: dict) -> list[str]:
@@ -350,19 +372,14 @@ def _history_files(output: str, options: dict) -> list[str]:
     return sorted(p for p in names if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
 
 
-def _index(root: str, files: list[str], latest_by: str | None, options: dict) -> dict[str, str]:
+def _index(root: str, files: list[str], options: dict) -> dict[str, str]:
     fs, _ = filesystem_for(root, options)
-    where: dict[str, tuple] = {}
+    where: dict[str, str] = {}
     for path in files:
-        columns = ["uri"] + ([latest_by] if latest_by else [])
-        table = with_retries(pq.read_table, path, filesystem=fs, columns=columns, what=path)
+        table = with_retries(pq.read_table, path, filesystem=fs, columns=["uri"], what=path)
         url = fs.unstrip_protocol(path) if not _is_local(fs) else path
-        stamps = table.column(latest_by).to_pylist() if latest_by else [None] * len(table)
-        for uri, stamp in zip(table.column("uri").to_pylist(), stamps):
-            prior = where.get(uri)
-            if prior is None or (stamp is not None and stamp > prior[1]):
-                where[uri] = (url, stamp)
-    return {uri: url for uri, (url, _) in where.items()}
+        where.update(dict.fromkeys(table.column("uri").to_pylist(), url))
+    return where
 
 
 def _plan(output, new_files, index, k, history, diff, options) -> list[ShardWork]:

@@ -23,13 +23,14 @@ from PIL import Image
 from segflow.flows.cli import build_parser, main
 from segflow.pipeline import job
 from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
-from segflow.pipeline.diff import diff_outputs, history_url
+from segflow.pipeline.diff import Replacement, diff_outputs, history_url
 from segflow.pipeline.diff_report import write_diff_report
 from segflow.pipeline.reader import load_mask, read_masks, read_metrics
 from segflow.pipeline.review import build_queue, review_score
 from segflow.pipeline.review_report import write_review_report
 from segflow.pipeline.voc import export_voc
 from tests.collection import _scene
+from tests.prefect_server import prefect_server  # noqa: F401  (fixture)
 
 K = 11
 
@@ -161,6 +162,38 @@ def test_diff_reads_the_most_recent_history_row_per_image(outputs, with_history,
     rows = _images_table(tmp_path / "h")
     assert {u: r["changed_fraction"] for u, r in rows.items()} == {u: r["changed_fraction"] for u, r in _images_table(tmp_path / "a").items()}
     assert all(r["old_superseded_at"] is not None for r in rows.values())
+
+    # what the nightly flow reports: only the rows one run (job fingerprint, start time) superseded
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    assert diff_outputs(str(with_history), str(tmp_path / "r1"), replaced_by=Replacement("b" * 16, hour_ago - timedelta(minutes=1)))["images_compared"] == 6
+    assert diff_outputs(str(with_history), str(tmp_path / "r2"), replaced_by=Replacement("c" * 16, hour_ago - timedelta(minutes=1)))["images_compared"] == 0
+    assert diff_outputs(str(with_history), str(tmp_path / "r3"), replaced_by=Replacement("b" * 16, hour_ago + timedelta(minutes=1)))["images_compared"] == 0
+
+
+def test_nightly_reprocess_publishes_what_changed_against_the_masks_it_replaced(prefect_server, outputs, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from segflow.flows.artifacts import artifact_key
+    from segflow.flows.parameters import Execution
+    from segflow.flows.reprocess import reprocess_flow
+
+    images, old, new = outputs
+    nightly = tmp_path / "nightly"
+    shutil.copytree(old, nightly)
+    summary = reprocess_flow(str(images), str(nightly), model=_model(1), execution=Execution(shard_size=2))
+    assert summary.masks == 6
+    if not Path(history_url(str(nightly))).is_dir():
+        pytest.skip("this engine keeps no OUTPUT/history of replaced masks yet (pipeline/history.py), so there is nothing to report")
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("changes", str(nightly))])))
+    table = {row["measure"]: row["value"] for row in json.loads(found[0].data)}
+    assert table["images compared with their previous mask"] == 6
+    uris = read_masks(str(new), columns=["uri"]).column("uri").to_pylist()
+    changed = sum(int((load_mask(str(old), u) != load_mask(str(new), u)).sum()) for u in uris)
+    pixels = sum(load_mask(str(new), u).size for u in uris)
+    assert table["pixels changed (share)"] == pytest.approx(changed / pixels, abs=1e-4)
+    assert (nightly / "changes" / "report.html").exists()
 
 
 def test_diff_without_history_says_so_in_one_line_and_suggests_against(outputs, tmp_path, capsys):
