@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from segflow.models.checkpoint import read_checkpoint_meta
+from segflow.models.checkpoint import CheckpointError, read_checkpoint_meta
+from segflow.models.heads import DEFAULT_HEAD, HEADS
 from segflow.models.labels import VOC, LabelSet
 
 TORCHVISION_MODELS = (
@@ -29,6 +30,9 @@ VARIANTS = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}  # FCN variant -> output str
 FCN_MODELS = tuple(f"{v}_{b}" for v in VARIANTS for b in BACKBONES)
 BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "camvid_fcn8s_resnet18.safetensors"
 BUNDLED = "bundled"
+# Heads on the bundled FCN-8s: selectable by name once `segflow train --head NAME` has
+# written their head-only checkpoint beside the bundled model (see `head_checkpoint_path`).
+HEAD_MODELS = tuple(f"fcn8s_resnet18_{head}" for head in HEADS if head != DEFAULT_HEAD)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -54,9 +58,13 @@ def describe_model(
     storage_options: dict | None = None,
 ) -> ModelInfo:
     """Fingerprint, label set and metadata of what `load_model` would load, without building it."""
-    checkpoint = _resolve_bundled(model, checkpoint)
+    checkpoint = _resolve_bundled(model, checkpoint, weights)
     if checkpoint is not None:
         meta, sha = read_checkpoint_meta(checkpoint, storage_options)
+        if "base" in meta:  # a head-only checkpoint: refuse a wrong base now, in the driver
+            base_url = base_location(meta, checkpoint)
+            check_base(checkpoint, meta, base_url, read_checkpoint_meta(base_url, storage_options)[1])
+        # The head file's own hash suffices as fingerprint: its metadata pins the base's sha256.
         return ModelInfo(sha[:16], LabelSet.from_dict(meta["labels"]), meta["architecture"], meta)
     architecture = architecture_for(model)
     if weights and weights.lower() != "none":
@@ -69,17 +77,52 @@ def describe_model(
 
 
 def available_models() -> list[str]:
-    return [BUNDLED, *FCN_MODELS, *TORCHVISION_MODELS]
+    return [BUNDLED, *FCN_MODELS, *HEAD_MODELS, *TORCHVISION_MODELS]
 
 
-def architecture_for(name: str) -> dict:
-    """The architecture dict of a registry name ("fcn8s_resnet18", "deeplabv3_resnet50", ...)."""
+def architecture_for(name: str, head: str | None = None) -> dict:
+    """The architecture dict of a registry name ("fcn8s_resnet18", "fcn8s_resnet18_dpn", ...).
+
+    An FCN name may end in a head's name ("_dpn"), or the head may be given apart; the
+    default `fcn` head is left out of the dict, so architectures (and fingerprints) from
+    before heads existed are unchanged.
+    """
     if name in TORCHVISION_MODELS:
+        if head not in (None, DEFAULT_HEAD):
+            raise ModelUnavailableError(f"{name}: heads attach to segflow's FCN only; use an fcn8s_/fcn16s_/fcn32s_ model")
         return {"family": "torchvision", "name": name}
-    variant, _, backbone = name.partition("_")
+    variant, _, rest = name.partition("_")
+    named_head = next((h for h in HEADS if rest.endswith(f"_{h}") and rest[: -len(h) - 1] in BACKBONES), None)
+    backbone = rest[: -len(named_head) - 1] if named_head else rest
+    if head and named_head and head != named_head:
+        raise ModelUnavailableError(f"{name} names head {named_head!r} but head {head!r} was asked for")
+    head = head or named_head or DEFAULT_HEAD
     if variant in VARIANTS and backbone in BACKBONES:
-        return {"family": "fcn", "variant": variant, "backbone": backbone}
+        if head not in HEADS:
+            raise ModelUnavailableError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        return {"family": "fcn", "variant": variant, "backbone": backbone} | ({} if head == DEFAULT_HEAD else {"head": head})
     raise ModelUnavailableError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+
+
+def head_checkpoint_path(name: str) -> Path:
+    """Where the trained head-only checkpoint of a HEAD_MODELS name lives (beside the bundled model)."""
+    return BUNDLED_CHECKPOINT.parent / f"camvid_{name}.safetensors"
+
+
+def base_location(meta: dict, head_url: str, base: str | None = None) -> str:
+    """The base checkpoint a head-only checkpoint names ("bundled" is this install's), unless `base` overrides it."""
+    location = base or meta["base"]["checkpoint"]
+    return str(BUNDLED_CHECKPOINT) if location == BUNDLED else location
+
+
+def check_base(head_url: str, meta: dict, base_url: str, base_sha: str) -> None:
+    """Refuse a base checkpoint whose sha256 is not the one the head was trained on."""
+    expected = meta["base"]["sha256"]
+    if base_sha != expected:
+        raise CheckpointError(
+            f"{head_url}: this head was trained on base checkpoint sha256 {expected[:16]}, but {base_url} is "
+            f"{base_sha[:16]}; give the base it was trained on, or retrain the head on this one (segflow train --head ... --base {base_url})"
+        )
 
 
 def fetch_weights(model: str | None, weights: str | None) -> None:
@@ -111,11 +154,25 @@ def _weights_unavailable(model: str, chosen, exc: Exception) -> ModelUnavailable
     )
 
 
-def _resolve_bundled(model: str | None, checkpoint: str | None) -> str | None:
+def _resolve_bundled(model: str | None, checkpoint: str | None, weights: str | None = None) -> str | None:
+    """The checkpoint a name stands for: the bundled model, a trained head on it, or `checkpoint`.
+
+    A head model asked for with `--weights none` is built untrained (architecture tests), as
+    any FCN name is; without it, it needs its trained checkpoint.
+    """
     if checkpoint is None and model in (None, BUNDLED):
         if not BUNDLED_CHECKPOINT.exists():
             raise ModelUnavailableError(f"the bundled model {BUNDLED_CHECKPOINT} is missing from this install")
         return str(BUNDLED_CHECKPOINT)
+    if checkpoint is None and model in HEAD_MODELS and not (weights and weights.lower() == "none"):
+        path = head_checkpoint_path(model)
+        if not path.exists():
+            head = model.rpartition("_")[2]
+            raise ModelUnavailableError(
+                f"{model} has no trained checkpoint yet ({path}); train one with `segflow train --head {head} "
+                f"--output {path} ...`, pass --checkpoint, or use --weights none for an untrained network"
+            )
+        return str(path)
     return checkpoint
 
 

@@ -27,12 +27,13 @@ class SegmentationSet:
     names: list[str]
 
 
-def load_folder_pair(image_dir: str | Path, label_dir: str | Path) -> SegmentationSet:
-    """Load every image in `image_dir` with the label of the same stem in `label_dir`."""
+def load_folder_pair(image_dir: str | Path, label_dir: str | Path, limit: int = 0) -> SegmentationSet:
+    """Load every image in `image_dir` (the first `limit` by name, if > 0) with the label of the same stem in `label_dir`."""
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     labels_by_stem = {p.stem: p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     images, labels, names = [], [], []
-    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in paths[:limit] if limit > 0 else paths:
         if path.stem not in labels_by_stem:
             raise FileNotFoundError(f"{path}: no label named {path.stem}.* in {label_dir}")
         rgb = np.array(Image.open(path).convert("RGB"))

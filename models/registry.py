@@ -10,6 +10,11 @@ where `forward` is exactly `lowres_logits` followed by bilinear upsampling to th
 upsample them beside the CRF. A network whose output is already full resolution (a
 CRF-as-RNN head, say) returns it from `lowres_logits` and the upsampling is the identity.
 
+segflow's FCN carries a head from `segflow.models.heads` (architecture key "head"; absent
+means the plain `fcn` head). A head trained on a frozen base is stored alone: its
+checkpoint's metadata has "base": {"checkpoint": URL or "bundled", "sha256": ...}, and
+loading it reads that base, refuses it if its sha256 differs, and joins the weights.
+
 New families register a builder in `ARCHITECTURES` under their `family` name; the
 architecture dict stored in a checkpoint is passed back to that builder. Names,
 fingerprints and label sets, which the driver needs without torch, live in
@@ -31,12 +36,15 @@ from segflow.models.catalog import (  # noqa: F401 - re-exported: the registry a
     BUNDLED,
     BUNDLED_CHECKPOINT,
     FCN_MODELS,
+    HEAD_MODELS,
     TORCHVISION_MODELS,
     VARIANTS,
     ModelInfo,
     ModelUnavailableError,
     architecture_for,
     available_models,
+    base_location,
+    check_base,
     describe_model,
     fetch_weights,
     _resolve_bundled,
@@ -44,11 +52,8 @@ from segflow.models.catalog import (  # noqa: F401 - re-exported: the registry a
     _weights_unavailable,
 )
 from segflow.models.checkpoint import CheckpointError, read_checkpoint
-from segflow.models.fcn import build_fcn
+from segflow.models.fcn import IMAGENET_MEAN, IMAGENET_STD, build_fcn
 from segflow.models.labels import LabelSet
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -64,12 +69,16 @@ class LoadedModel:
     meta: dict
 
 
-def build_network(architecture: dict, num_classes: int, weights: str | None = None) -> nn.Module:
-    """Build the network an architecture dict describes (weights from torchvision or fresh)."""
+def build_network(architecture: dict, num_classes: int, weights: str | None = None, normalization: dict | None = None) -> nn.Module:
+    """Build the network an architecture dict describes (weights from torchvision or fresh).
+
+    `normalization` ({"mean", "std"}, default ImageNet's) is what the network's input was
+    normalised with; heads that need the RGB image undo it.
+    """
     family = architecture.get("family")
     if family not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture family {family!r}; known: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[family](architecture, num_classes, weights)
+    return ARCHITECTURES[family](architecture, num_classes, weights, normalization or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
 
 
 def load_model(
@@ -79,19 +88,21 @@ def load_model(
     num_classes: int | None = None,
     seed: int = 0,
     storage_options: dict | None = None,
+    base: str | None = None,
 ) -> LoadedModel:
     """Resolve what the user asked for into a ready network.
 
-    - `checkpoint` given: architecture, classes and weights come from the file.
+    - `checkpoint` given: architecture, classes and weights come from the file; a head-only
+      checkpoint also reads its base (the one its metadata names, or `base`).
     - `model` a torchvision name with `weights` (DEFAULT or an enum name): torchvision's own
       loader, through the torch hub cache.
     - `model` with `weights` "none"/None: fresh weights from `seed` (architecture tests only;
       such output is not a segmentation).
     - nothing: the bundled CamVid FCN-8s.
     """
-    checkpoint = _resolve_bundled(model, checkpoint)
+    checkpoint = _resolve_bundled(model, checkpoint, weights)
     if checkpoint is not None:
-        return _from_checkpoint(checkpoint, storage_options)
+        return _from_checkpoint(checkpoint, storage_options, base)
     info = describe_model(model, None, weights, num_classes, seed)
     if weights and weights.lower() != "none":
         return _from_torchvision_weights(model, info, weights)
@@ -100,7 +111,7 @@ def load_model(
     return LoadedModel(net, info.labels, IMAGENET_MEAN, IMAGENET_STD, info.architecture, info.fingerprint, info.meta)
 
 
-def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
+def _from_checkpoint(url: str, storage_options: dict | None, base: str | None = None) -> LoadedModel:
     state_dict, meta, sha = read_checkpoint(url, storage_options)
     try:
         labels = LabelSet.from_dict(meta["labels"])
@@ -108,11 +119,26 @@ def _from_checkpoint(url: str, storage_options: dict | None) -> LoadedModel:
         norm = meta.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
     except KeyError as exc:
         raise CheckpointError(f"{url}: metadata lacks {exc.args[0]!r}; save it with segflow.models.checkpoint.save_checkpoint") from None
-    net = build_network(architecture, labels.num_classes)
+    if "base" in meta:
+        state_dict = {**_base_weights(url, meta, base, storage_options), **state_dict}
+    elif base is not None:
+        raise CheckpointError(f"{url}: a complete checkpoint, not a head-only one; it takes no base ({base})")
+    try:
+        net = build_network(architecture, labels.num_classes, normalization=norm)
+    except ValueError as exc:  # an unknown head or head setting
+        raise CheckpointError(f"{url}: {exc}") from None
     missing, unexpected = net.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{url}: weights do not fit {architecture}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return LoadedModel(net.eval(), labels, tuple(norm["mean"]), tuple(norm["std"]), architecture, sha[:16], meta)
+
+
+def _base_weights(url: str, meta: dict, base: str | None, storage_options: dict | None) -> dict[str, torch.Tensor]:
+    """The weights of the base a head-only checkpoint was trained on, after checking its sha256."""
+    base_url = base_location(meta, url, base)
+    base_state, base_meta, base_sha = read_checkpoint(base_url, storage_options)
+    check_base(url, meta, base_url, base_sha)
+    return base_state
 
 
 def _from_torchvision_weights(name: str, info: ModelInfo, weights: str) -> LoadedModel:
@@ -141,7 +167,7 @@ class TorchvisionSegmenter(nn.Module):
         return F.interpolate(self.lowres_logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _build_torchvision(architecture: dict, num_classes: int, weights: str | None) -> nn.Module:
+def _build_torchvision(architecture: dict, num_classes: int, weights: str | None, normalization: dict) -> nn.Module:
     kwargs = {"weights": weights, "weights_backbone": None, "num_classes": num_classes}
     if weights is None and not architecture["name"].startswith("lraspp"):
         kwargs["aux_loss"] = False  # with weights, torchvision insists on its own aux setting
@@ -151,13 +177,20 @@ def _build_torchvision(architecture: dict, num_classes: int, weights: str | None
     return TorchvisionSegmenter(net)
 
 
-def _build_fcn(architecture: dict, num_classes: int, weights: str | None) -> nn.Module:
+def _build_fcn(architecture: dict, num_classes: int, weights: str | None, normalization: dict) -> nn.Module:
     if weights is not None:
         raise ModelUnavailableError("segflow's FCN has no published weights; use --checkpoint or the bundled model")
-    return build_fcn(architecture["variant"], architecture["backbone"], num_classes)
+    return build_fcn(
+        architecture["variant"],
+        architecture["backbone"],
+        num_classes,
+        head=architecture.get("head", "fcn"),
+        head_config=architecture.get("head_config"),
+        normalization=(tuple(normalization["mean"]), tuple(normalization["std"])),
+    )
 
 
-ARCHITECTURES: dict[str, Callable[[dict, int, str | None], nn.Module]] = {
+ARCHITECTURES: dict[str, Callable[[dict, int, str | None, dict], nn.Module]] = {
     "fcn": _build_fcn,
     "torchvision": _build_torchvision,
 }

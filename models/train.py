@@ -1,10 +1,18 @@
-"""`segflow train`: train an FCN from scratch on an image folder and a label folder.
+"""`segflow train`: train an FCN, or a head on a trained FCN, on an image folder and a label folder.
 
-The loop is deliberately plain (AdamW, poly decay, weighted cross-entropy) and fully
-reproducible from `TrainConfig.seed`. Every epoch it writes a resumable state file
-(`WORK_DIR/state.pt`, tensors and plain values only, loadable with weights_only=True);
-every `eval_every` epochs it scores val at full resolution and, on a new best val mIoU,
-writes the deployable safetensors checkpoint to `output`.
+The loop is deliberately plain (AdamW, poly decay, the head's own loss; the FCN head's is
+weighted cross-entropy) and fully reproducible from `TrainConfig.seed`. Every epoch it
+writes a resumable state file (`WORK_DIR/state.pt`, tensors and plain values only,
+loadable with weights_only=True); every `eval_every` epochs it scores val at full
+resolution and, on a new best val mIoU, writes the deployable safetensors checkpoint to
+`output`.
+
+How the network learns is the head's `training_mode` (segflow.models.heads):
+- joint (fcn): every weight learns; from scratch unless a base checkpoint is given, and the
+  checkpoint is complete;
+- staged (dpn) and piecewise (context): the base checkpoint (default: the bundled model) is
+  loaded and frozen, only the head learns, and the checkpoint holds the head alone plus
+  the base's sha256, which loading checks.
 """
 
 from __future__ import annotations
@@ -18,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from segflow.models.checkpoint import save_checkpoint
+from segflow.models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from segflow.models.data import Augmentation, SegmentationSet, batches, load_folder_pair, median_frequency_weights, steps_per_epoch
+from segflow.models.heads import DEFAULT_HEAD, head_class
 from segflow.models.labels import label_set
-from segflow.models.registry import IMAGENET_MEAN, IMAGENET_STD, architecture_for, build_network
+from segflow.models.registry import BUNDLED, BUNDLED_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, architecture_for, build_network
 from segflow.models.scores import confusion_matrix, mean_iou, per_class_iou
 
 
@@ -37,6 +45,8 @@ class TrainConfig:
     output: str
     work_dir: str
     model: str = "fcn8s_resnet18"
+    head: str = DEFAULT_HEAD
+    base: str | None = None  # None: "bundled" for heads that start from a base, else "none" (from scratch)
     label_set: str = "camvid"
     epochs: int = 200
     batch_size: int = 8
@@ -49,7 +59,18 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: torch's default
     resume: bool = False
+    max_images: int = 0  # 0: every image; N: the first N of train and of val (smoke runs)
     command: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The trained checkpoint a head starts from: where it is, its sha256 and its weights."""
+
+    reference: str  # "bundled", or the checkpoint's absolute path or URL, as head-only checkpoints record it
+    sha256: str
+    state_dict: dict
+    meta: dict
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -58,11 +79,24 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     labels = label_set(cfg.label_set)
-    train_set = load_folder_pair(cfg.images, cfg.labels)
-    val_set = load_folder_pair(cfg.val_images, cfg.val_labels)
-    architecture = architecture_for(cfg.model)
-    net = build_network(architecture, labels.num_classes)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_set = load_folder_pair(cfg.images, cfg.labels, cfg.max_images)
+    val_set = load_folder_pair(cfg.val_images, cfg.val_labels, cfg.max_images)
+    head = head_class(cfg.head)
+    architecture = architecture_for(cfg.model, cfg.head)
+    if architecture["family"] != "fcn":
+        raise CheckpointError(f"segflow train trains segflow's FCN (fcn8s_/fcn16s_/fcn32s_ + backbone), not {cfg.model!r}")
+    if head.config_type is not None:  # written out in full, so later default changes leave the checkpoint's meaning alone
+        architecture["head_config"] = dataclasses.asdict(head.config_type())
+    base = load_base(cfg, architecture, labels)
+    normalization = (base.meta if base else {}).get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    net = build_network(architecture, labels.num_classes, normalization=normalization)
+    if base is not None:
+        _load_base_weights(net, base)
+    if net.head.freezes_base:
+        if base is None:
+            raise CheckpointError(f"head {cfg.head!r} trains {net.head.training_mode} on a trained, frozen base; give one with --base (bundled, or a checkpoint)")
+        net.freeze_base()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = median_frequency_weights(train_set.labels, labels.num_classes) if cfg.class_weights == "median-frequency" else None
     aug = Augmentation(crop=cfg.crop, scale=cfg.scale)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -74,33 +108,39 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, best, elapsed, history = 0, {"miou": -1.0}, 0.0, []
     if cfg.resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
+        if state.get("base_sha256", "") != (base.sha256 if base else ""):
+            raise CheckpointError(f"{state_path}: this run trained on another base checkpoint; resume with the same --base, or start a new --work-dir")
+        net.load_state_dict(state["model"], strict=not net.base_frozen)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         start_epoch, best, elapsed = state["epoch"], json.loads(state["best"]), state["elapsed"]
         history = json.loads(state["history"])
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
     step = start_epoch * steps_per_epoch(len(train_set.images), cfg.batch_size)
     bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="train", file=sys.stderr)
     for epoch in bar:
         t0 = time.perf_counter()
         net.train()
-        losses = []
+        losses, terms = [], {}
         for images, targets in batches(train_set, cfg.batch_size, aug, labels.ignore_index, gen):
             lr = cfg.lr * (1 - step / total_steps) ** 0.9
             for group in opt.param_groups:
                 group["lr"] = lr
-            logits = net((images - mean) / std)
-            loss = F.cross_entropy(logits, targets, weight=weights, ignore_index=labels.ignore_index)
+            named = net.loss((images - mean) / std, targets, weights, labels.ignore_index)
+            loss = sum(named.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            for name, value in named.items():
+                terms.setdefault(name, []).append(value.item())
             step += 1
         elapsed += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1)}
+        if len(terms) > 1:
+            record["terms"] = {name: float(np.mean(values)) for name, values in terms.items()}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             confusion = evaluate(net, val_set, labels.num_classes, labels.ignore_index)
             record["val_miou"] = mean_iou(confusion)
@@ -111,12 +151,13 @@ def train(cfg: TrainConfig) -> dict:
                     "per_class_iou": dict(zip(labels.classes, per_class_iou(confusion).round(4).tolist())),
                     "train_seconds": round(elapsed, 1),
                 }
-                _save_deployable(cfg, net, labels, architecture, best)
+                _save_deployable(cfg, net, labels, architecture, normalization, base, best)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_miou=f"{best['miou']:.3f}")
         torch.save(
             {
-                "model": net.state_dict(),
+                "model": net.head_state_dict() if net.base_frozen else net.state_dict(),
+                "base_sha256": base.sha256 if base else "",
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
                 "epoch": epoch + 1,
@@ -131,12 +172,39 @@ def train(cfg: TrainConfig) -> dict:
     return best
 
 
+def load_base(cfg: TrainConfig, architecture: dict, labels) -> BaseModel | None:
+    """The base checkpoint `cfg` starts from (None: from scratch), checked against what is trained.
+
+    The base must be a complete FCN checkpoint of the same variant, backbone and classes.
+    """
+    choice = cfg.base if cfg.base is not None else (BUNDLED if head_class(cfg.head).starts_from_base else "none")
+    if choice.lower() == "none":
+        return None
+    url = str(BUNDLED_CHECKPOINT) if choice == BUNDLED else choice
+    state_dict, meta, sha = read_checkpoint(url)
+    reference = BUNDLED if choice == BUNDLED else (url if "://" in url else str(Path(url).resolve()))
+    base_arch = meta.get("architecture", {})
+    wanted = {k: v for k, v in architecture.items() if k not in ("head", "head_config")}
+    if "base" in meta or base_arch != wanted:
+        raise CheckpointError(f"{url}: base must be a complete {wanted} checkpoint without a head; it is {base_arch}")
+    if tuple(meta.get("labels", {}).get("classes", ())) != tuple(labels.classes):
+        raise CheckpointError(f"{url}: base classes {meta.get('labels', {}).get('classes')} are not label set {labels.name!r}'s")
+    return BaseModel(reference, sha, state_dict, meta)
+
+
+def _load_base_weights(net, base: BaseModel) -> None:
+    missing, unexpected = net.load_state_dict(base.state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{base.reference}: weights do not fit the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, data: SegmentationSet, num_classes: int, ignore_index: int | None, batch_size: int = 4) -> np.ndarray:
     """Summed (K, K) confusion of `net` on `data` at full resolution."""
     net.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(getattr(net, "mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(net, "std", IMAGENET_STD)).view(1, 3, 1, 1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for start in range(0, len(data.images), batch_size):
         chunk = data.images[start : start + batch_size]
@@ -149,11 +217,12 @@ def evaluate(net: torch.nn.Module, data: SegmentationSet, num_classes: int, igno
     return confusion
 
 
-def _save_deployable(cfg: TrainConfig, net, labels, architecture, best) -> None:
+def _save_deployable(cfg: TrainConfig, net, labels, architecture, normalization, base: BaseModel | None, best) -> None:
+    """Write the best checkpoint: complete, or (frozen base) the head alone, pinned to its base's sha256."""
     meta = {
         "architecture": architecture,
         "labels": labels.to_dict(),
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalization": {"mean": list(normalization["mean"]), "std": list(normalization["std"])},
         "training": {
             "data": {"images": cfg.images, "labels": cfg.labels, "val_images": cfg.val_images, "val_labels": cfg.val_labels},
             "command": cfg.command,
@@ -163,7 +232,13 @@ def _save_deployable(cfg: TrainConfig, net, labels, architecture, best) -> None:
         },
         "metrics": {"val_miou": round(best["miou"], 4), "val_per_class_iou": best["per_class_iou"]},
     }
+    if base is not None:
+        meta["training"]["base"] = {"checkpoint": base.reference, "sha256": base.sha256}
+    weights = net.state_dict()
+    if net.base_frozen:
+        meta["base"] = {"checkpoint": base.reference, "sha256": base.sha256}
+        weights = net.head_state_dict()
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{cfg.output}.tmp"
-    save_checkpoint(tmp, net.state_dict(), meta)
+    save_checkpoint(tmp, weights, meta)
     Path(tmp).replace(cfg.output)

@@ -1,0 +1,210 @@
+"""Heads on segflow's FCN: shapes, the DPN and contextual-CRF potentials, training, head-only checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segflow.models.catalog import architecture_for
+from segflow.models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from segflow.models.fcn import build_fcn
+from segflow.models.heads import HEADS
+from segflow.models.heads.context import ContextCRFHead
+from segflow.models.heads.dpn import triple_penalty
+from segflow.models.labels import CAMVID
+from segflow.models.registry import BUNDLED_CHECKPOINT, HEAD_MODELS, describe_model, load_model
+
+ODD = (333, 517)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory) -> tuple[str, str, dict]:
+    """A complete FCN-8s checkpoint (fresh weights) to train heads on: (path, sha256, meta)."""
+    torch.manual_seed(1)
+    meta = {"architecture": architecture_for("fcn8s_resnet18"), "labels": CAMVID.to_dict()}
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    return str(path), save_checkpoint(str(path), build_fcn("fcn8s", "resnet18", CAMVID.num_classes).state_dict(), meta), meta
+
+
+@pytest.mark.parametrize("name", HEAD_MODELS)  # the plain FCN's entries: tests/test_models.py
+def test_each_head_keeps_odd_input_size(name):
+    loaded = load_model(name, weights="none", num_classes=5)
+    x = torch.randn(1, 3, *ODD)
+    with torch.no_grad():
+        full = loaded.net(x)
+        low = loaded.net.lowres_logits(x)
+    stride = loaded.net.head.output_stride()
+    assert full.shape == (1, 5, *ODD)
+    assert low.shape == (1, 5, math.ceil(ODD[0] / stride), math.ceil(ODD[1] / stride))
+
+
+def test_the_fcn_head_leaves_the_bundled_model_unchanged():
+    """Same keys as the file, and the logits of a reference FCN-8s written from the raw tensors."""
+    from torchvision.models import resnet18
+
+    state, _, _ = read_checkpoint(str(BUNDLED_CHECKPOINT))
+    net = load_model().net
+    assert set(net.state_dict()) == set(state)
+    backbone = resnet18()
+    backbone.load_state_dict({k[len("features."):]: v.float() for k, v in state.items() if k.startswith("features.")}, strict=False)
+    backbone.eval()
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        y = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+        s8 = backbone.layer2(backbone.layer1(y))
+        s16 = backbone.layer3(s8)
+        s32 = backbone.layer4(s16)
+
+        def score(name, t):
+            return F.conv2d(t, state[f"{name}.weight"].float(), state[f"{name}.bias"].float())
+
+        def up(name, t, like):
+            return F.conv_transpose2d(t, state[f"{name}.weight"].float(), stride=2, padding=1)[..., : like.shape[-2], : like.shape[-1]]
+
+        fused = up("up32", score("score32", s32), s16) + score("score16", s16)
+        expected = up("up16", fused, s8) + score("score8", s8)
+        got = net.lowres_logits(x)
+    assert torch.equal(got, expected)
+
+
+def test_above_below_is_asymmetric_and_surrounding_symmetric():
+    torch.manual_seed(0)
+    head = ContextCRFHead(4, {"s8": 8, "s16": 8, "s32": 8}, 8)
+    e_i, e_j = torch.randn(2, head.config.embed)
+    with torch.no_grad():
+        ab, ba = head.above_below(e_i, e_j), head.above_below(e_j, e_i)
+        s_ij, s_ji = head.surrounding(e_i, e_j), head.surrounding(e_j, e_i)
+    assert ab.shape == (4, 4)
+    assert not torch.allclose(ab, ba, atol=1e-4)  # i above j is not j above i
+    assert not torch.allclose(ab, ba.T, atol=1e-4)  # nor the same factor read the other way
+    assert torch.allclose(s_ij, s_ji) and torch.equal(s_ij, s_ij.T)
+
+
+def test_dpn_triple_penalty_equals_its_definition():
+    probs = torch.tensor([[[0.9, 0.2, 0.5, 0.1], [0.3, 0.8, 0.6, 0.4], [0.7, 0.1, 0.2, 0.9]]])
+    probs = torch.stack([probs[0], 1 - probs[0]])[None]  # (1, 2, 3, 4), two classes
+    rgb = torch.tensor(
+        [[[10, 12, 200, 190], [11, 13, 210, 205], [9, 100, 220, 15]],
+         [[20, 25, 30, 35], [22, 24, 28, 180], [21, 90, 26, 30]],
+         [[5, 6, 7, 250], [4, 8, 9, 240], [6, 7, 200, 8]]], dtype=torch.float32)[None]
+    window, sigma = 3, 25.0
+    got = triple_penalty(probs, rgb, window, sigma)
+
+    expected = torch.zeros_like(probs)
+    for y in range(3):
+        for x in range(4):
+            weights, total = 0.0, torch.zeros(2)
+            for zy in range(y - 1, y + 2):
+                for zx in range(x - 1, x + 2):
+                    if 0 <= zy < 3 and 0 <= zx < 4:
+                        a = math.exp(-float(((rgb[0, :, y, x] - rgb[0, :, zy, zx]) ** 2).sum()) / (2 * sigma**2))
+                        weights += a
+                        total += a * probs[0, :, zy, zx]
+            expected[0, :, y, x] = total / weights
+    assert torch.allclose(got, expected, atol=1e-6)
+    box_average = F.avg_pool2d(probs, 3, 1, 1, count_include_pad=False)
+    assert not torch.allclose(got, box_average, atol=1e-2)  # the colours weigh the neighbours
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_one_training_step_changes_the_head(head):
+    torch.manual_seed(0)
+    net = build_fcn("fcn8s", "resnet18", 4, head=head)
+    if net.head.freezes_base:
+        net.freeze_base()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(2, 3, 64, 96)
+    targets = torch.randint(0, 4, (2, 64, 96))
+    targets[:, :8] = 255  # some ignored pixels
+    loss = sum(net.loss(x, targets, None, 255).values())
+    loss.backward()
+    opt.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    head_params = {f"head.{k}" for k, _ in net.head.named_parameters()}
+    if head == "fcn":
+        assert not head_params and any(k.startswith("features.") for k in changed)  # joint: the backbone learns
+    else:
+        assert head_params and changed == head_params  # every head weight learns; the frozen base (BN statistics too) does not
+
+
+def test_head_only_checkpoint_round_trips_and_refuses_another_base(tmp_path, base_checkpoint):
+    base_path, base_sha, meta = base_checkpoint
+    base_state, _, _ = read_checkpoint(base_path)
+    (tmp_path / "base.safetensors").write_bytes(open(base_path, "rb").read())
+    x = torch.randn(1, 3, 70, 90)
+    for head in ("dpn", "context"):
+        net = build_fcn("fcn8s", "resnet18", CAMVID.num_classes, head=head)
+        net.load_state_dict(base_state, strict=False)
+        with torch.no_grad():
+            for p in net.head.parameters():
+                p.add_(0.01 * torch.randn_like(p))  # a head that differs from its initialisation
+        net.eval()
+        head_meta = meta | {"architecture": architecture_for(f"fcn8s_resnet18_{head}"), "base": {"checkpoint": str(tmp_path / "base.safetensors"), "sha256": base_sha}}
+        head_path = tmp_path / f"{head}.safetensors"
+        save_checkpoint(str(head_path), net.head_state_dict(), head_meta)
+        assert head_path.stat().st_size < 0.05 * (tmp_path / "base.safetensors").stat().st_size
+        with torch.no_grad():
+            assert torch.equal(load_model(checkpoint=str(head_path)).net(x), net(x))
+
+    other = tmp_path / "other.safetensors"
+    other_state = {k: v + 1 if v.is_floating_point() else v for k, v in base_state.items()}
+    save_checkpoint(str(other), other_state, meta)  # another sha256
+    with pytest.raises(CheckpointError) as given:
+        load_model(checkpoint=str(head_path), base=str(other))
+    (tmp_path / "base.safetensors").write_bytes(other.read_bytes())  # the recorded base replaced in place
+    with pytest.raises(CheckpointError) as replaced:
+        describe_model(checkpoint=str(head_path))  # the driver refuses before any model actor starts
+    for info in (given, replaced):
+        assert "\n" not in str(info.value) and base_sha[:16] in str(info.value)
+
+
+def test_head_model_without_its_checkpoint_names_the_training_command():
+    from segflow.models.catalog import ModelUnavailableError, head_checkpoint_path
+
+    name = "fcn8s_resnet18_context"
+    if head_checkpoint_path(name).exists():
+        pytest.skip("a trained context head is installed")
+    with pytest.raises(ModelUnavailableError, match="segflow train --head context"):
+        load_model(name)
+
+
+def test_train_writes_a_resumable_head_only_checkpoint(tmp_path, base_checkpoint):
+    from segflow.models.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / f"{split}annot").mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 12, (64, 80), dtype=np.uint8)).save(tmp_path / f"{split}annot" / f"{i}.png")
+    base_path, base_sha, _ = base_checkpoint
+    cfg = TrainConfig(
+        images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),
+        val_labels=str(tmp_path / "valannot"), output=str(tmp_path / "out" / "dpn.safetensors"), work_dir=str(tmp_path / "work"),
+        head="dpn", base=base_path, epochs=1, batch_size=2, crop=(48, 64), eval_every=1,
+    )
+    train(cfg)
+    state, head_meta, _ = read_checkpoint(cfg.output)
+    assert state and all(k.startswith("head.") for k in state)
+    assert head_meta["base"]["sha256"] == base_sha
+    assert load_model(checkpoint=cfg.output).architecture["head"] == "dpn"
+    first = json.loads((tmp_path / "work" / "history.json").read_text())
+    train(dataclasses.replace(cfg, epochs=2, resume=True))  # continues from state.pt
+    history = json.loads((tmp_path / "work" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and history[0] == first[0]
