@@ -20,7 +20,8 @@ from prefect.logging import get_run_logger
 from segflow.errors import SegflowError
 from segflow.flows.artifacts import publish_changes
 from segflow.pipeline.config import SegmentConfig
-from segflow.pipeline.diff import Replacement, diff_outputs, has_history
+from segflow.pipeline.diff import diff_outputs
+from segflow.pipeline.previous import Replacement, has_history
 from segflow.pipeline.diff_report import write_diff_report
 from segflow.pipeline.storage import redact
 

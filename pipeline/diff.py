@@ -4,7 +4,7 @@ Two versions of each image's mask are compared pixel by pixel:
 
 - old: the previous version from OUTPUT/history/masks/ (rows a reprocess replaced, with
   `superseded_at`; the most recent one per uri), or with `against` the masks of OTHER,
-  another output of the same collection;
+  another output of the same collection (`previous.py` finds them);
 - new: OUTPUT's current masks.
 
 Per image the comparison is a change matrix stored the way a confusion matrix is
@@ -34,12 +34,10 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from multiprocessing import get_context
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segflow.errors import InputError
@@ -48,9 +46,9 @@ from segflow.pipeline.commit import MASKS, table_bytes
 from segflow.pipeline.masks import decode_mask
 from segflow.pipeline.reader import output_metadata
 from segflow.pipeline.state import committed_files
+from segflow.pipeline.previous import Replacement, has_history, index_previous, is_local, old_rows, read_rows
 from segflow.pipeline.storage import commit_file, filesystem_for, redact, with_retries
 
-HISTORY = "history"  # OUTPUT/history/masks/*.parquet: masks columns + superseded_at, superseded_by
 IMAGES = "images"
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
@@ -109,10 +107,6 @@ class ShardChange:
         self.most_changed = heapq.nlargest(MOST_CHANGED, self.most_changed + other.most_changed)
 
 
-def history_url(output: str) -> str:
-    return f"{output.rstrip('/')}/{HISTORY}/{MASKS}"
-
-
 def diff_outputs(output: str, diff: str, against: str | None = None, storage_options: dict | None = None,
                  workers: int | None = None, replaced_by: Replacement | None = None) -> dict:
     """Compare OUTPUT's masks with their previous versions (history) or with OTHER's; write DIFF.
@@ -154,18 +148,13 @@ def plan_comparison(output: str, against: str | None, options: dict, diff: str =
         if other is not None and other.classes != labels.classes:
             raise InputError(f"{redact(against)} and {redact(output)} use different classes ({len(other.classes)} vs "
                              f"{len(labels.classes)}); a pixel diff needs one label set: compare outputs of the same model family")
-        index = _index_against(against, options)
+        index = index_previous(output, against, options)
     elif old_required or has_history(output, options):
-        index = _index_history(output, options, replaced_by)
+        index = index_previous(output, None, options, replaced_by)
     else:
         index = {}
     new_files = committed_files(output, MASKS, options)
     return labels, _plan(output, new_files, index, labels.num_classes, against is None, diff, options), index
-
-
-def has_history(output: str, options: dict | None = None) -> bool:
-    """Whether OUTPUT/history/masks/ holds any Parquet file (the previous versions of replaced masks)."""
-    return bool(_history_files(output, options or {}))
 
 
 def compare_shard(work: ShardWork) -> ShardChange:
@@ -188,8 +177,8 @@ def shard_rows(work: ShardWork, new: pa.Table | None = None) -> tuple[list[dict]
     when the caller has read them already (review does); else they are read from `work.new_url`.
     """
     k = work.num_classes
-    new = new if new is not None else _read(work.new_url, _NEW_COLUMNS, None, work.storage_options)
-    old = _old_rows(work, k)
+    new = new if new is not None else read_rows(work.new_url, _NEW_COLUMNS, None, work.storage_options)
+    old = old_rows(work.old_urls, work.history, work.storage_options)
     result = ShardChange(np.zeros((k, k), np.int64), over={t: 0 for t in THRESHOLDS})
     rows = []
     for row in new.select(_NEW_COLUMNS).to_pylist():
@@ -293,95 +282,6 @@ def map_shards(fn, work: list, workers: int | None = None):
         yield from pool.map(fn, work)
 
 
-def read_old_masks(output: str, uris: set[str], against: str | None = None, storage_options: dict | None = None) -> dict[str, bytes]:
-    """{uri: old mask PNG} for the wanted uris (the report's few images): history's latest or OTHER's."""
-    options = storage_options or {}
-    index = _index_against(against, options) if against is not None else _index_history(output, options)
-    by_file: dict[str, list[str]] = {}
-    for uri in uris:
-        if uri in index:
-            by_file.setdefault(index[uri], []).append(uri)
-    work = ShardWork("", by_file, 0, against is None, "", options)
-    return {uri: row["mask"] for uri, row in _old_rows(work, 0).items()}
-
-
-def _old_rows(work: ShardWork, k: int) -> dict[str, dict]:
-    """uri -> the old row (history: the most recently superseded one)."""
-    columns = ["uri", "key", "mask", "job_fingerprint"] + (["superseded_at"] if work.history else [])
-    found: dict[str, dict] = {}
-    for url, uris in work.old_urls.items():
-        for row in _read(url, columns, uris, work.storage_options).to_pylist():
-            prior = found.get(row["uri"])
-            if prior is None or (work.history and row["superseded_at"] > prior["superseded_at"]):
-                found[row["uri"]] = row
-    return found
-
-
-def _read(url: str, columns: list[str], uris: list[str] | None, options: dict) -> pa.Table:
-    fs, path = filesystem_for(url, options)
-    table = with_retries(pq.read_table, path, filesystem=fs, columns=columns, what=url)
-    if uris is not None:
-        table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(uris, pa.string())))
-    return table
-
-
-def _index_against(other: str, options: dict) -> dict[str, str]:
-    """uri -> URL of OTHER's committed masks file holding it."""
-    files = committed_files(other, MASKS, options)
-    if not files:
-        raise InputError(f"--against {redact(other)}: no masks of committed shards there; give another output of the same collection")
-    return _index(other, files, options)
-
-
-def _index_history(output: str, options: dict, replaced_by: Replacement | None = None) -> dict[str, str]:
-    """uri -> URL of the history file holding its most recently superseded row (`replaced_by`: only rows it names)."""
-    files = _history_files(output, options)
-    if not files:
-        raise InputError(f"{redact(history_url(output))}: no history yet (a reprocess writes it when it replaces masks); "
-                         "compare with another output instead: segflow diff OUTPUT DIFF --against OTHER")
-    fs, _ = filesystem_for(output, options)
-    where: dict[str, tuple] = {}
-    for path in files:
-        table = with_retries(pq.read_table, path, filesystem=fs, columns=["uri", "superseded_at", "superseded_by"], what=path)
-        url = fs.unstrip_protocol(path) if not _is_local(fs) else path
-        for row in table.to_pylist():
-            prior = where.get(row["uri"])
-            if prior is None or row["superseded_at"] > prior[1]["superseded_at"]:
-                where[row["uri"]] = (url, row)
-    return {uri: url for uri, (url, row) in where.items() if replaced_by is None or replaced_by.names(row)}
-
-
-@dataclass(frozen=True)
-class Replacement:
-    """Which history rows one run wrote: superseded by its job fingerprint, at or after its start."""
-
-    job_fingerprint: str
-    since: datetime
-
-    def names(self, row: dict) -> bool:
-        return row["superseded_by"] == self.job_fingerprint and row["superseded_at"] >= self.since
-
-
-def _history_files(output: str, options: dict) -> list[str]:
-    url = history_url(output)
-    fs, directory = filesystem_for(url, options)
-    fs.invalidate_cache()
-    if not with_retries(fs.isdir, directory, what=url):
-        return []
-    names = with_retries(fs.ls, directory, detail=False, what=url)
-    return sorted(p for p in names if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
-
-
-def _index(root: str, files: list[str], options: dict) -> dict[str, str]:
-    fs, _ = filesystem_for(root, options)
-    where: dict[str, str] = {}
-    for path in files:
-        table = with_retries(pq.read_table, path, filesystem=fs, columns=["uri"], what=path)
-        url = fs.unstrip_protocol(path) if not _is_local(fs) else path
-        where.update(dict.fromkeys(table.column("uri").to_pylist(), url))
-    return where
-
-
 def _plan(output, new_files, index, k, history, diff, options) -> list[ShardWork]:
     fs, _ = filesystem_for(output, options)
     work = []
@@ -391,7 +291,7 @@ def _plan(output, new_files, index, k, history, diff, options) -> list[ShardWork
         for uri in uris:
             if uri in index:
                 by_file.setdefault(index[uri], []).append(uri)
-        url = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        url = fs.unstrip_protocol(path) if not is_local(fs) else path
         work.append(ShardWork(url, by_file, k, history, diff, options))
     return work
 
@@ -411,7 +311,3 @@ def _remove_stale_parts(diff: str, keep: set[str], options: dict) -> None:
 def _label_set(output: str, options: dict) -> LabelSet | None:
     labels = output_metadata(output, options).get("labels")
     return LabelSet.from_dict(labels) if labels else None
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

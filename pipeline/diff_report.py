@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from segflow.models.labels import LabelSet
-from segflow.pipeline.diff import read_old_masks
+from segflow.pipeline.previous import read_old_masks
 from segflow.pipeline.evaluation.gallery import Panel, image_panel, overlay, read_mask_rows, read_rgb, thumb_size
 from segflow.pipeline.html_page import legend, page, pct, strip, swatch
 from segflow.pipeline.storage import commit_file

@@ -13,7 +13,7 @@ from html import escape
 import pyarrow as pa
 
 from segflow.models.labels import LabelSet
-from segflow.pipeline.diff import read_old_masks
+from segflow.pipeline.previous import read_old_masks
 from segflow.pipeline.diff_report import change_panels
 from segflow.pipeline.evaluation.gallery import read_mask_rows
 from segflow.pipeline.html_page import legend, page, pct, strip

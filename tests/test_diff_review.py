@@ -23,7 +23,8 @@ from PIL import Image
 from segflow.flows.cli import build_parser, main
 from segflow.pipeline import job
 from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
-from segflow.pipeline.diff import Replacement, diff_outputs, history_url
+from segflow.pipeline.diff import diff_outputs
+from segflow.pipeline.previous import Replacement, history_url
 from segflow.pipeline.diff_report import write_diff_report
 from segflow.pipeline.reader import load_mask, read_masks, read_metrics
 from segflow.pipeline.review import build_queue, review_score
