@@ -7,7 +7,8 @@ Each kind is one module plus one line in `REFINEMENTS`. A kind is a class with:
 - `runs_on`: "cpu" (a CRF worker, per image, on numpy arrays) or "device" (inside the model
   actor, on the batch still on the GPU);
 - `fingerprint()`: what every row it refines records; `kind@version` plus its parameters;
-- `refine(rgb, probs) -> labels` for CPU kinds.
+- `refine(rgb, probs) -> labels` (per image, numpy), and for device kinds also
+  `refine_batch(logits, pixels) -> labels` on the network's batch still on its device.
 
 The engine looks kinds up here and nowhere else; it never names a CRF library.
 `resolve_refinement` chooses the parameters: the ones given explicitly override only
@@ -22,6 +23,7 @@ from dataclasses import asdict, fields
 
 from segflow.errors import ConfigError
 from segflow.models.crf.dense import DenseCRF
+from segflow.models.crf.meanfield_kind import MeanFieldRefinement
 
 
 class NoRefinement:
@@ -43,6 +45,7 @@ class NoRefinement:
 REFINEMENTS: dict[str, type] = {
     "none": NoRefinement,
     "dense": DenseCRF,
+    "meanfield": MeanFieldRefinement,
 }
 
 DEFAULT_REFINEMENT = "dense"
