@@ -92,10 +92,9 @@ def build_queue(output: str, review: str, *, top: int | None = 100, classes: tup
     labels, work, _ = plan_comparison(output, against, options, old_required=against is not None)
     wanted = resolve_classes(classes, labels)
     jobs = [ShardReview(w, wanted, tuple(labels.classes), min_score, top) for w in work]
-    kept: list[tuple] = []
-    for rows in map_shards(score_shard, jobs, workers):
-        kept = _best(kept + [(r["score"], _neg(r["uri"]), r) for r in rows], top)
-    rows = [r for _, _, r in kept]
+    rows: list[dict] = []
+    for shard in map_shards(score_shard, jobs, workers):
+        rows = _best(rows + shard, top)
     for i, row in enumerate(rows, 1):
         row["rank"] = i
     queue = pa.Table.from_pylist(rows, schema=QUEUE_SCHEMA)
@@ -131,7 +130,7 @@ def score_shard(job: ShardReview) -> list[dict]:
             "height": row["height"], "width": row["width"], "job_fingerprint": row["job_fingerprint"],
             "why": reasons(row["mean_confidence"], row["min_confidence"], row["crf_changed_fraction"], change, source),
         })
-    return [r for _, _, r in _best([(r["score"], _neg(r["uri"]), r) for r in rows], job.top)]
+    return _best(rows, job.top)
 
 
 def reasons(mean_confidence, min_confidence, crf_changed_fraction, previous_changed_fraction, source) -> str:
@@ -166,12 +165,7 @@ def resolve_classes(given: tuple[str, ...] | list[str], labels: LabelSet) -> tup
     return tuple(dict.fromkeys(ids))
 
 
-def _best(items: list[tuple], top: int | None) -> list[tuple]:
-    """Highest score first; ties by uri (ascending), so the queue is the same on every run."""
-    key = lambda t: (t[0], t[1])  # noqa: E731
-    return heapq.nlargest(top, items, key=key) if top is not None else sorted(items, key=key, reverse=True)
-
-
-def _neg(uri: str) -> tuple:
-    """A key that sorts uris in reverse, so that nlargest breaks score ties by ascending uri."""
-    return tuple(-ord(ch) for ch in uri) + (1,)
+def _best(rows: list[dict], top: int | None) -> list[dict]:
+    """Highest score first; ties by uri, so the queue is the same on every run."""
+    key = lambda r: (-r["score"], r["uri"])  # noqa: E731
+    return heapq.nsmallest(top, rows, key=key) if top is not None else sorted(rows, key=key)
