@@ -113,8 +113,13 @@ class ShardExecutor:
         max_in_flight: int | None = None,
         max_attempts: int = 3,
         actors: list | None = None,
+        replacer=None,
     ):
-        """`actors`: model actors already started from `spec` (`start_model_actors`); by default it starts them."""
+        """`actors`: model actors already started from `spec` (`start_model_actors`); by default it starts them.
+
+        `replacer` (a `history.Replacer`): commits each shard so that the rows it supersedes
+        stay current until it has committed, then move to OUTPUT/history/.
+        """
         import ray
 
         self._ray = ray
@@ -134,6 +139,7 @@ class ShardExecutor:
         self.storage_options = spec.storage_options
         self.max_in_flight = max_in_flight or 2 * cluster.model_actors
         self.max_attempts = max_attempts
+        self.replacer = replacer
 
     def run(self, shards: list[Shard], on_progress: Callable[[int], None] | None = None) -> ExecutionStats:
         """Process every shard; each ends committed, with masks and/or error rows for all its images.
@@ -310,10 +316,14 @@ class ShardExecutor:
         for uri, key in missing:  # defensive: the invariant is every input in exactly one of masks or errors
             o.errors.append({"uri": uri, "key": key, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
                              "reason": "no result came back for this image", "image_fault": False, **self._fingerprints()})
-        commit_shard(
-            self.output, o.shard.shard_id, o.masks, o.errors, o.metrics if self.evaluating else None,
-            self.file_metadata, self.storage_options,
-        )
+        def write(masks: list, errors: list, metrics: list | None) -> None:
+            commit_shard(self.output, o.shard.shard_id, masks, errors, metrics, self.file_metadata, self.storage_options)
+
+        metrics = o.metrics if self.evaluating else None
+        if self.replacer is not None:
+            self.replacer.commit(o.shard.shard_id, o.masks, o.errors, metrics, write)
+        else:
+            write(o.masks, o.errors, metrics)
         stats.masks += len(o.masks)
         stats.errors += len(o.errors)
         stats.errors_to_retry += sum(1 for r in o.errors if not r["image_fault"])

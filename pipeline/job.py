@@ -16,7 +16,8 @@ from segflow.pipeline.config import SegmentConfig, digest
 from segflow.errors import InputError
 from segflow.pipeline.listing import list_inputs
 from segflow.pipeline.sharding import Shard, plan_shards
-from segflow.pipeline.state import diff_work, drop_rows, read_existing
+from segflow.pipeline.history import Replacer, finish_pending, pending_records
+from segflow.pipeline.state import diff_work, read_existing
 from segflow.pipeline.storage import redact
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Plan:
     job_fingerprint: str
     labels: dict
     seconds: float = 0.0
+    interrupted_replacements: int = 0  # records a killed run left in OUTPUT/_replacing: the run stage finishes them
 
     @property
     def to_process(self) -> int:
@@ -48,14 +50,15 @@ class Plan:
         if self.deleted:
             pruning = self.drop_uris & set(self.deleted)
             deleted = f"{len(self.deleted)} deleted from the source" + (" (pruning)" if pruning else " (kept; --prune removes them)")
+        finishing = f"; finishing {self.interrupted_replacements} interrupted replacement(s)" if self.interrupted_replacements else ""
         if not self.shards and not self.drop_uris:
-            return f"nothing to do: all {self.images_total} images are up to date" + (f"; {deleted}" if deleted else "")
+            return f"nothing to do: all {self.images_total} images are up to date" + (f"; {deleted}" if deleted else "") + finishing
         parts = [f"{self.to_process} of {self.images_total} images to process in {len(self.shards)} shards"]
         if self.up_to_date:
             parts.append(f"{self.up_to_date} up to date")
         if deleted:
             parts.append(deleted)
-        return ", ".join(parts)
+        return ", ".join(parts) + finishing
 
 
 @dataclass
@@ -138,21 +141,27 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
         job_fingerprint=job_fingerprint,
         labels=info.labels.to_dict(),
         seconds=time.perf_counter() - t0,
+        interrupted_replacements=len(pending_records(cfg.output, cfg.storage_options)),
     )
 
 
 def run_stage(cfg: SegmentConfig, plan: Plan):
-    """Remove superseded rows and interrupted leftovers, then run the planned shards on Ray.
+    """Finish what a killed run left, then run the planned shards on Ray, replacing rows as shards commit.
 
+    No row is removed before its replacement exists: superseded rows stay current until
+    the shard that replaces them commits, then move to OUTPUT/history/ (`history.Replacer`).
     A plan with nothing to do returns at once: no Ray, no reading of OUTPUT.
     """
     from segflow.pipeline.engine import ExecutionStats
 
-    if not plan.shards and not plan.drop_uris:
+    if not plan.shards and not plan.drop_uris and not plan.interrupted_replacements:
         return ExecutionStats()
+    finish_pending(cfg.output, cfg.storage_options)
     existing = read_existing(cfg.output, cfg.storage_options, remove_leftovers=True)
-    drop_rows(cfg.output, existing, plan.drop_uris, {s.shard_id for s in plan.shards}, cfg.storage_options)
-    stats = _execute(cfg, plan) if plan.shards else ExecutionStats()
+    replacer = Replacer(cfg.output, existing, plan.job_fingerprint, cfg.storage_options, only=plan.drop_uris)
+    if cfg.prune:
+        replacer.prune(plan.drop_uris & set(plan.deleted))
+    stats = _execute(cfg, plan, replacer) if plan.shards else ExecutionStats()
     stats.pruned = len(plan.deleted) if cfg.prune else 0
     return stats
 
@@ -261,7 +270,7 @@ def _actor_spec(cfg: SegmentConfig):
     return ActorSpec(cfg.model, options, cluster, cfg.storage_options, storage_environment())
 
 
-def _execute(cfg: SegmentConfig, plan: Plan):
+def _execute(cfg: SegmentConfig, plan: Plan, replacer: Replacer | None = None):
     from segflow.models.labels import LabelSet
     from segflow.pipeline import prestart
     from segflow.pipeline.cluster import connect
@@ -295,6 +304,7 @@ def _execute(cfg: SegmentConfig, plan: Plan):
     executor = ShardExecutor(
         spec, context, cfg.output, metadata,
         max_in_flight=cfg.max_shards_in_flight, max_attempts=cfg.max_shard_attempts, actors=prestart.take(spec),
+        replacer=replacer,
     )
     try:
         with ProgressBar(plan.to_process, enabled=cfg.progress) as bar:

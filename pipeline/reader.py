@@ -6,7 +6,9 @@
     mask = load_mask("out/", "/data/img_001.png")   # (H, W) uint8 class ids
 
 Only committed shards are read: staging files, and the errors and metrics files of a commit
-that was interrupted before its masks file, are ignored.
+that was interrupted before its masks file, are ignored. Rows already replaced by a
+committed shard but not yet moved to OUTPUT/history/ (a run killed in between) are hidden,
+so every image has exactly one row here, the old one or the new one (`history.hidden_rows`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from segflow.pipeline.commit import ERRORS, MASKS, METRICS
+from segflow.pipeline.history import hidden_rows
 from segflow.pipeline.masks import decode_mask
 from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, image_fault
 from segflow.pipeline.state import committed_files
@@ -36,7 +39,7 @@ def open_dataset(output: str, name: str, storage_options: dict | None = None) ->
     if not paths:
         return None
     fs, _ = filesystem_for(output, storage_options)
-    return ds.dataset(paths, filesystem=fs, format="parquet")
+    return _current(ds.dataset(paths, filesystem=fs, format="parquet"), output, storage_options)
 
 
 def read_masks(output: str, columns: list[str] | None = None, filter=None, storage_options: dict | None = None) -> pa.Table:
@@ -53,7 +56,7 @@ def read_errors(output: str, columns: list[str] | None = None, storage_options: 
     if not paths:
         return ERRORS_SCHEMA.empty_table().select(columns) if columns else ERRORS_SCHEMA.empty_table()
     fs, _ = filesystem_for(output, storage_options)
-    table = ds.dataset(paths, schema=ERRORS_SCHEMA, filesystem=fs, format="parquet").to_table()
+    table = _current(ds.dataset(paths, schema=ERRORS_SCHEMA, filesystem=fs, format="parquet"), output, storage_options).to_table()
     table = table.set_column(table.schema.get_field_index("image_fault"), "image_fault", image_fault(table))
     return table.select(columns) if columns else table
 
@@ -101,3 +104,9 @@ def _read(output, name, schema, columns, filter, storage_options) -> pa.Table:
     if dataset is None:
         return schema.empty_table().select(columns) if columns else schema.empty_table()
     return dataset.to_table(columns=columns, filter=filter)
+
+
+def _current(dataset: ds.Dataset, output: str, storage_options: dict | None) -> ds.Dataset:
+    """`dataset` without rows a committed shard has replaced (see the module docstring)."""
+    keep = hidden_rows(output, storage_options)
+    return dataset if keep is None else dataset.filter(keep)

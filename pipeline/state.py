@@ -7,10 +7,12 @@ committed shards say which (uri, key, job fingerprint) results exist.
 An image is up to date when it has a row whose content key and job fingerprint match
 this run and that counts as done: a mask, or an error row blaming the image itself
 (`image_fault`; unreadable, undecodable, too large, bad label). An error row blaming the
-run (a failed shard, model or CRF) is retried by the next run. Everything else is work. Rows that a run will supersede are removed *before*
-the new results are produced ("invalidate, then process"): a crash in between loses no
-input (the image simply has no row and is picked up again) and can never leave two rows
-for one image.
+run (a failed shard, model or CRF) is retried by the next run. Everything else is work.
+Superseded rows are never removed before their replacement exists: they stay current
+until the shard that replaces them has committed, and then move to OUTPUT/history/
+(`history.py`). Between the two, a crash can leave an image with two rows in the plain
+files; the pending record names the stale one, `read_existing` and the readers hide it,
+and the next run finishes the move.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from segflow.pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url, table_bytes
+from segflow.pipeline.commit import DATASETS, ERRORS, MASKS, dataset_url
+from segflow.pipeline.history import hidden_rows
 from segflow.pipeline.schema import ERRORS_SCHEMA, image_fault
-from segflow.pipeline.storage import clean_staging, commit_file, filesystem_for, with_retries
+from segflow.pipeline.storage import clean_staging, filesystem_for, with_retries
 
 SHARD_FILE = re.compile(r"^shard-([0-9a-f]{16})\.parquet$")  # sharding.Shard.file_name; group 1: the shard id
 _STATE_COLUMNS = ["uri", "key", "job_fingerprint", "shard_id"]
@@ -129,6 +131,9 @@ def read_existing(output: str, storage_options: dict | None = None, remove_lefto
         t = t.append_column("dataset", pa.array([dataset] * len(t), pa.string()))
         tables.append(t.append_column("done", done))
     rows = pa.concat_tables(tables) if tables else _empty_state()
+    stale = hidden_rows(output, storage_options)
+    if stale is not None:  # rows already replaced by a committed shard, not yet moved to history
+        rows = rows.filter(stale)
     return ExistingOutputs(rows=rows, files=files, fs=fs)
 
 
@@ -138,7 +143,7 @@ class WorkDiff:
 
     work: pa.Table  # manifest rows to process, sorted by uri
     up_to_date: int
-    drop_uris: set[str]  # rows to remove before processing (superseded, or pruned)
+    drop_uris: set[str]  # images whose rows this run supersedes or prunes (moved to history, never just dropped)
     deleted: list[str]  # URIs with results whose source is no longer listed
 
 
@@ -164,29 +169,6 @@ def diff_work(manifest: pa.Table, existing: ExistingOutputs, job_fingerprint: st
     superseded = pc.filter(rows.column("uri"), pc.is_in(rows.column("uri"), value_set=work.column("uri"))).to_pylist()
     drop = set(superseded) | (set(deleted) if prune else set())
     return WorkDiff(work=work, up_to_date=len(manifest) - len(work), drop_uris=drop, deleted=deleted)
-
-
-def drop_rows(output: str, existing: ExistingOutputs, drop_uris: set[str], keep_shards: set[str], storage_options: dict | None = None) -> int:
-    """Rewrite every committed shard file holding rows in `drop_uris` without them; returns rows removed.
-
-    Shards in `keep_shards` are about to be rewritten whole by this run (same id means the
-    same members), so they are left alone. Files stay even when emptied, so the shard
-    still reads as committed; masks files go last, as in a commit.
-    """
-    if not drop_uris:
-        return 0
-    value_set = pa.array(sorted(drop_uris), pa.string())
-    removed = 0
-    for (dataset, sid), path in sorted(existing.files.items(), key=lambda kv: kv[0][0] == MASKS):
-        if sid in keep_shards:
-            continue
-        table = with_retries(pq.read_table, path, filesystem=existing.fs, what=path)
-        keep = pc.invert(pc.is_in(table.column("uri"), value_set=value_set))
-        kept = table.filter(keep)
-        if len(kept) != len(table):
-            removed += (len(table) - len(kept)) if dataset != "metrics" else 0
-            commit_file((existing.fs, path), table_bytes(kept, table.schema.metadata))
-    return removed
 
 
 def _empty_state() -> pa.Table:

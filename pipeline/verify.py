@@ -6,7 +6,9 @@ Invariants:
 - every committed Parquet file opens, and its rows belong to the shard its name says;
 - no interrupted commit is visible (a shard's errors/metrics without its masks marker);
 - fingerprints are consistent: every row was made by the same model and CRF, and each
-  file's metadata agrees with its rows.
+  file's metadata agrees with its rows;
+- no replacement is left half done (a record in OUTPUT/_replacing: superseded rows not
+  yet moved to OUTPUT/history/; `repair_output` finishes it).
 `deep=True` also decodes every mask PNG and checks its size against height/width.
 """
 
@@ -18,8 +20,9 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from segflow.pipeline.commit import ERRORS, MASKS
+from segflow.pipeline.history import applies, finish_pending, pending_records
 from segflow.pipeline.masks import decode_mask
-from segflow.pipeline.state import shard_files
+from segflow.pipeline.state import read_existing, shard_files
 from segflow.pipeline.storage import filesystem_for, redact
 
 
@@ -35,6 +38,11 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
         if sid not in committed:
             problems.append(f"{dataset}/shard-{sid}.parquet: interrupted commit (no masks/shard-{sid}.parquet)")
 
+    for record in pending_records(output, storage_options):
+        what = f"shard {record.shard_id}" if record.shard_id else "pruning"
+        state = "applies" if applies(record, output, storage_options) else "its shard never committed"
+        problems.append(f"_replacing/{record.name}: interrupted replacement ({what}, {len(record.rows)} rows, {state}); "
+                        "run the job again or `segflow verify OUTPUT --repair`")
     uris: Counter = Counter()
     fingerprints: Counter = Counter()
     for (dataset, sid), path in sorted(files.items()):
@@ -70,6 +78,18 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
         extra = sorted(set(uris) - listed_uris)
         problems += [f"{redact(u)}: has a row but is no longer in INPUT (rerun with --prune to remove it)" for u in extra]
     return problems
+
+
+def repair_output(output: str, storage_options: dict | None = None) -> int:
+    """Finish interrupted replacements and remove the leftovers of interrupted commits; -> records finished.
+
+    What the next run would do before its own work, without running anything: afterwards
+    the plain Parquet datasets hold exactly one row per image. The caller holds the
+    output lock (no run may be writing OUTPUT meanwhile).
+    """
+    finished = finish_pending(output, storage_options)
+    read_existing(output, storage_options, remove_leftovers=True)
+    return finished
 
 
 def _check_masks(table, where: str) -> list[str]:
