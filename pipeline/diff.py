@@ -94,7 +94,6 @@ class ShardChange:
     only_new: int = 0  # new rows without an old version
     over: dict = field(default_factory=dict)  # threshold -> images changed by more than it
     most_changed: list = field(default_factory=list)  # [(changed_fraction, uri)]
-    seen: list = field(default_factory=list)  # uris of the shard that had an old version
 
     def merge(self, other: "ShardChange") -> None:
         """Add another shard's sums to these (the most changed images stay the overall top)."""
@@ -119,11 +118,10 @@ def diff_outputs(output: str, diff: str, against: str | None = None, storage_opt
     options = storage_options or {}
     labels, work, index = plan_comparison(output, against, options, diff, replaced_by=replaced_by)
     total = ShardChange(np.zeros((labels.num_classes,) * 2, np.int64), over={t: 0 for t in THRESHOLDS})
-    seen: set[str] = set()
     for part in map_shards(compare_shard, work, workers):
         total.merge(part)
-        seen.update(part.seen)
-    only_old = len(set(index) - seen) if against is not None else 0
+    # every image with an old version was compared or found resized, once: the rest of the index is only in OTHER
+    only_old = len(index) - total.compared - total.size_changed if against is not None else 0
     summary = summarise_change(total, labels, only_old=only_old, old=redact(against) if against else "history",
                                new=redact(output))
     _remove_stale_parts(diff, {w.new_url.rsplit("/", 1)[-1] for w in work}, options)
@@ -186,7 +184,6 @@ def shard_rows(work: ShardWork, new: pa.Table | None = None) -> tuple[list[dict]
         if before is None:
             result.only_new += 1
             continue
-        result.seen.append(row["uri"])
         old_mask, new_mask = decode_mask(before["mask"]), decode_mask(row["mask"])
         image = {
             "uri": row["uri"], "height": row["height"], "width": row["width"],

@@ -72,6 +72,7 @@ def test_diff_changed_fraction_and_matrices_match_numpy(outputs, tmp_path):
     rows = _images_table(tmp_path / "d")
     uris = read_masks(str(new), columns=["uri"]).column("uri").to_pylist()
     assert set(rows) == set(uris) and summary["images_compared"] == len(uris) == 6
+    assert summary["images_only_old"] == summary["images_without_old"] == summary["images_size_changed"] == 0
     total = np.zeros((K, K), np.int64)
     fractions = []
     for uri in uris:
