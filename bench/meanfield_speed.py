@@ -124,7 +124,8 @@ def _mask_table(count: int, device: torch.device) -> str:
     lines = [f"{len(paths)} CamVid val images, bundled model, CRFParams defaults", f"{'refinement':<22} | {'mIoU':>6} | {'= pydensecrf2':>13}", "-" * 48]
     for name in names:
         c = confusion[name]
-        iou = np.diag(c) / np.maximum(c.sum(0) + c.sum(1) - np.diag(c), 1)
+        union = c.sum(0) + c.sum(1) - np.diag(c)
+        iou = np.diag(c)[union > 0] / union[union > 0]  # classes neither present nor predicted: no score
         lines.append(f"{name:<22} | {100 * iou.mean():>6.2f} | {100 * agree[name] / pixels:>12.2f}%")
     return "\n".join(lines)
 

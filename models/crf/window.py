@@ -51,29 +51,35 @@ class WindowMessages:
             steps = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32, device=rgb.device) * downsample
             self.gaussian_1d = torch.exp(-(steps**2) / (2.0 * float(gaussian_sxy) ** 2))
             self.gaussian_norm = _rsqrt(self._separable(ones, self.gaussian_1d))
-            self.bilateral_weights = self._bilateral_weights(image, steps, float(bilateral_sxy), float(bilateral_srgb))
+            self.bilateral_weights = self._bilateral_weights(image, float(bilateral_sxy), float(bilateral_srgb))
             self.bilateral_norm = _rsqrt(self._accumulate(ones, self.bilateral_weights))
 
-    def gaussian(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, K, H, W) probabilities -> (N, K, H, W) normalised smoothness messages."""
-        norm = self.gaussian_norm.to(q.dtype)
-        return self._unpool(norm * self._separable(norm * self._pool(q), self.gaussian_1d.to(q.dtype)))
+    def __call__(self, q: torch.Tensor, gaussian_weight: torch.Tensor, bilateral_weight: torch.Tensor) -> torch.Tensor:
+        """(N, K, H, W) probabilities, (K,) weights per kernel -> (N, K, H, W) weighted messages.
 
-    def bilateral(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, K, H, W) probabilities -> (N, K, H, W) normalised appearance messages."""
-        norm = self.bilateral_norm.to(q.dtype)
-        return self._unpool(norm * self._accumulate(norm * self._pool(q), self.bilateral_weights.to(q.dtype)))
+        Both kernels and their weighting run at the pooled resolution, so probabilities are
+        pooled once and messages upsampled once (upsampling is linear per channel, so it
+        commutes with the weighting).
+        """
+        pooled = self._pool(q)
+        g_norm = self.gaussian_norm.to(q.dtype)
+        b_norm = self.bilateral_norm.to(q.dtype)
+        smooth = g_norm * self._separable(g_norm * pooled, self.gaussian_1d.to(q.dtype))
+        appearance = b_norm * self._accumulate(b_norm * pooled, self.bilateral_weights.to(q.dtype))
+        k = q.shape[1]
+        return self._unpool(gaussian_weight.view(1, k, 1, 1) * smooth + bilateral_weight.view(1, k, 1, 1) * appearance)
 
-    def _bilateral_weights(self, image: torch.Tensor, steps: torch.Tensor, sxy: float, srgb: float) -> torch.Tensor:
+    def _bilateral_weights(self, image: torch.Tensor, sxy: float, srgb: float) -> torch.Tensor:
         """(k*k, N, 1, h, w) kernel weight from each pixel to its neighbour at each offset (0 off-image)."""
         r = self.radius
         h, w = image.shape[-2:]
         padded = F.pad(image, (r, r, r, r))
         inside = F.pad(torch.ones_like(image[:, :1]), (r, r, r, r))
         weights = []
+        step = self.downsample
         for dy in range(2 * r + 1):
             for dx in range(2 * r + 1):
-                spatial = float(steps[dy] ** 2 + steps[dx] ** 2) / (2.0 * sxy**2)
+                spatial = (((dy - r) * step) ** 2 + ((dx - r) * step) ** 2) / (2.0 * sxy**2)
                 colour = ((padded[:, :, dy : dy + h, dx : dx + w] - image) ** 2).sum(1, keepdim=True) / (2.0 * srgb**2)
                 weights.append(torch.exp(-(spatial + colour)) * inside[:, :, dy : dy + h, dx : dx + w])
         return torch.stack(weights)
