@@ -39,19 +39,27 @@ def _default(cls, name: str):
 
 
 class Execution(BaseModel):
-    """How the work is spread over Ray. None of these changes a mask or a fingerprint."""
+    """How the work is spread over Ray, and at what precision the network runs.
+
+    Only `autocast` changes masks (bf16 agrees with fp32 on ~99.7 % of pixels), so its
+    effective value is part of the job fingerprint unless it is off (full precision, the
+    CPU default). `batch_size` is left out: at batch 1 and 4 on the CPU, all 32 CamVid val
+    images tried gave byte-identical masks, raw and CRF (bench/batch_agreement.py); on a
+    GPU, cuDNN may pick other kernels per batch size, which has not been measured. The
+    others decide where and when work runs, never what it computes.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     shard_size: int = Field(_default(SegmentConfig, "shard_size"), ge=1, description="images per shard: the unit of scheduling, retry and commit")
-    batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass (same-size images only)")
+    batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass (same-size images only); masks measured identical at 1 and 4 on the CPU")
     max_pixels: int = Field(_default(SegmentConfig, "max_pixels"), ge=1, description="larger images become error rows (decompression-bomb guard)")
     model_actors: int | None = Field(_default(SegmentConfig, "model_actors"), description="model actors; none: one per GPU, or one per core on a CPU-only cluster")
     crf_workers: int | None = Field(_default(SegmentConfig, "crf_workers"), description="concurrent CRF tasks; none: in the model actors on CPU-only clusters, one per free CPU with GPUs; 0: always in the model actors")
     max_shards_in_flight: int | None = Field(_default(SegmentConfig, "max_shards_in_flight"), description="bound on open shards (memory); none: 2 per model actor")
     max_shard_attempts: int = Field(_default(SegmentConfig, "max_shard_attempts"), ge=1, description="tries before a shard's images become error rows")
     device: Literal["auto", "cpu", "cuda"] = Field(_default(SegmentConfig, "device"), description="where the network runs; auto: cuda when Ray has GPUs")
-    autocast: Literal["auto", "off", "bf16", "fp16"] = Field(_default(SegmentConfig, "autocast"), description="GPU mixed precision; auto: bf16 on GPU, off on CPU")
+    autocast: Literal["auto", "off", "bf16", "fp16"] = Field(_default(SegmentConfig, "autocast"), description="mixed precision of the network; auto: bf16 on GPU, off on CPU; part of the fingerprint unless off")
     channels_last: bool = Field(_default(SegmentConfig, "channels_last"), description="channels-last memory format on GPU")
     compile: bool = Field(_default(SegmentConfig, "compile"), description="torch.compile the network in each model actor")
     progress: bool = Field(False, description="tqdm bars; off in flows, whose logs are not a terminal")

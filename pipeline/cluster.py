@@ -161,6 +161,27 @@ _TOKEN_FIX = (
 )
 
 
+def cluster_has_gpus(address: str | None) -> bool:
+    """Whether the job's cluster has GPUs, without starting a local Ray.
+
+    A local Ray (no `--ray-address`) gets this machine's GPUs: the ones CUDA_VISIBLE_DEVICES
+    names when it is set (as Ray itself counts them), else the NVIDIA driver's list in
+    /proc/driver/nvidia/gpus. A cluster given by address is asked (connecting to it).
+    """
+    if address is not None:
+        import ray
+
+        connect(address)
+        return ray.cluster_resources().get("GPU", 0) > 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return any(d.strip() not in ("", "-1", "NoDevFiles") for d in visible.split(","))
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
 def plan_cluster(device: str, model_actors: int | None, crf_workers: int | None) -> ClusterPlan:
     """Size the model and CRF pools from the connected cluster's resources."""
     import ray

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from segflow.pipeline.config import SegmentConfig, digest
-from segflow.errors import InputError
+from segflow.errors import ConfigError, InputError
 from segflow.pipeline.listing import list_inputs
 from segflow.pipeline.sharding import Shard, plan_shards
 from segflow.pipeline.history import Replacer, finish_pending, pending_records
@@ -39,6 +39,7 @@ class Plan:
     labels: dict
     seconds: float = 0.0
     interrupted_replacements: int = 0  # records a killed run left in OUTPUT/_replacing: the run stage finishes them
+    precision: str = "off"  # the network's autocast: off (full precision), bf16 or fp16; in the fingerprint unless off
 
     @property
     def to_process(self) -> int:
@@ -125,7 +126,11 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     evaluation = asdict(cfg.evaluation) if cfg.evaluation is not None else None
     if evaluation is not None:
         evaluation.pop("labels")  # where labels live is not what they mean
-    job_fingerprint = digest({"model": model_fingerprint, "crf": crf_fingerprint, "evaluation": evaluation})
+    precision = planned_precision(cfg)
+    what = {"model": model_fingerprint, "crf": crf_fingerprint, "evaluation": evaluation}
+    if precision != "off":  # full precision, the CPU default, stays out: outputs made before this key stay current
+        what["precision"] = precision
+    job_fingerprint = digest(what)
     existing = read_existing(cfg.output, cfg.storage_options)
     work = diff_work(manifest, existing, job_fingerprint, cfg.force, cfg.retry_errors, cfg.prune)
     unpaired = (manifest.schema.metadata or {}).get(b"unpaired_labels", b"").decode()
@@ -142,6 +147,7 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
         labels=info.labels.to_dict(),
         seconds=time.perf_counter() - t0,
         interrupted_replacements=len(pending_records(cfg.output, cfg.storage_options)),
+        precision=precision,
     )
 
 
@@ -228,6 +234,24 @@ def _pairing(cfg: SegmentConfig, labels):
     return with_label_set_defaults(cfg.evaluation, labels) if cfg.evaluation is not None else None
 
 
+def planned_precision(cfg: SegmentConfig) -> str:
+    """The autocast the model actors will use: off, bf16 or fp16.
+
+    It changes masks (bf16 agrees with fp32 on ~99.7 % of pixels), so it is part of the job
+    fingerprint, and must be known when planning: `auto` means bf16 on a GPU and off on a
+    CPU, so with `--device auto` planning asks whether the cluster has GPUs
+    (`cluster.cluster_has_gpus`: no local Ray is started for it). The run stage checks that
+    the actors it starts use this same precision.
+    """
+    if cfg.autocast != "auto":
+        return cfg.autocast
+    if cfg.device != "auto":
+        return "bf16" if cfg.device == "cuda" else "off"
+    from segflow.pipeline.cluster import cluster_has_gpus
+
+    return "bf16" if cluster_has_gpus(cfg.ray_address) else "off"
+
+
 def _resolve_refinement(cfg: SegmentConfig, model_meta: dict):
     """Each explicit parameter wins for itself; the rest are the checkpoint's tuned ones, then the kind's defaults.
 
@@ -280,6 +304,11 @@ def _execute(cfg: SegmentConfig, plan: Plan, replacer: Replacer | None = None):
 
     connect(cfg.ray_address)
     spec = _actor_spec(cfg)
+    if spec.inference.autocast != plan.precision:  # the fingerprint says how the masks were made
+        raise ConfigError(
+            f"the cluster would run the network with autocast {spec.inference.autocast}, but the plan (and the "
+            f"fingerprint) assumed {plan.precision}; pass --autocast and --device explicitly"
+        )
     labels = LabelSet.from_dict(plan.labels)
     fingerprints = {
         "job_fingerprint": plan.job_fingerprint,
