@@ -36,10 +36,25 @@ class ModelRef:
     num_classes: int | None = None
     seed: int = 0
     tta: str = "none"  # test-time augmentation (segflow.models.tta): none | flip | flip-scales
+    # Long side (px) the network and the refinement run at; masks come back at the image's size.
+    # None: the checkpoint's training scale, else 1024 (segflow.models.working_size); "full": every pixel.
+    working_size: int | str | None = None
+    tiles: tuple[int, int] | None = None  # (size, stride): sliding-window inference (segflow.models.sliding)
 
     def __post_init__(self):
         if self.tta not in TTA_MODES:
             raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+        from segflow.models.working_size import FULL, MIN_WORKING_SIZE
+
+        if self.working_size is not None and self.working_size != FULL:
+            if isinstance(self.working_size, bool) or not str(self.working_size).isdigit() or int(self.working_size) < MIN_WORKING_SIZE:
+                raise ConfigError(f"--working-size must be {FULL} or a long side >= {MIN_WORKING_SIZE} px, got {self.working_size!r}")
+            object.__setattr__(self, "working_size", int(self.working_size))
+        if self.tiles is not None:
+            size, stride = (int(v) for v in self.tiles)
+            if size < MIN_WORKING_SIZE or not 0 < stride <= size:
+                raise ConfigError(f"--tiles SIZE,STRIDE needs SIZE >= {MIN_WORKING_SIZE} and 0 < STRIDE <= SIZE, got {size},{stride}")
+            object.__setattr__(self, "tiles", (size, stride))
 
 
 @dataclass(frozen=True)

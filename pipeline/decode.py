@@ -24,6 +24,36 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
     """Decode `data` (the bytes of `uri`) into a writable, C-contiguous (H, W, 3) uint8 array."""
+    return _load(_open(data, uri, max_pixels), uri, data)
+
+
+def decode_reduced(data: bytes, uri: str, max_pixels: int, long_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like `decode_image`, but a JPEG larger than `long_side` may come out smaller, never below it.
+
+    -> (upright pixels, (height, width) of the whole image after EXIF orientation). JPEG's
+    DCT scaling (Pillow's `draft`) decodes 1/2, 1/4 or 1/8 of each side directly, so a
+    45-megapixel photo meant for a 1024-pixel working size never exists in memory at full
+    size. The pixel limit applies to the true size. Other formats, and images whose long
+    side is at most `long_side`, decode whole, exactly as `decode_image` does.
+    """
+    image = _open(data, uri, max_pixels)
+    width, height = image.size  # as stored; EXIF orientation 5-8 swaps the axes
+    try:
+        swapped = image.getexif().get(ORIENTATION_TAG) in _ORIENTATION_SWAPS_AXES
+    except Exception:  # unreadable EXIF: exif_transpose in _load ignores it too
+        swapped = False
+    if image.format == "JPEG" and max(width, height) > long_side:
+        scale = long_side / max(width, height)
+        image.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))  # keeps each side >= this
+    return _load(image, uri, data), ((width, height) if swapped else (height, width))
+
+
+ORIENTATION_TAG = 0x0112
+_ORIENTATION_SWAPS_AXES = {5, 6, 7, 8}  # transposed or rotated by 90 degrees
+
+
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """The image's header, checked against the pixel limit; nothing decoded yet."""
     if not data:
         raise ImageDecodeError(uri, "empty file (0 bytes); re-export or remove it")
     try:
@@ -37,6 +67,10 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
             f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
             "(decompression-bomb guard); raise --max-pixels if the image is genuine",
         )
+    return image
+
+
+def _load(image: Image.Image, uri: str, data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segflow.pipeline.config import ModelRef
-from segflow.pipeline.decode import decode_image
+from segflow.pipeline.resize import decode_for_network
 from segflow.errors import ImageError, StorageError
 from segflow.pipeline.sharding import Shard
 from segflow.pipeline.storage import read_bytes, use_storage_environment
@@ -76,6 +76,17 @@ class ModelWorker:
         if options.channels_last and options.device == "cuda":
             net = net.to(memory_format=torch.channels_last)
         self.lowres = torch.compile(net.lowres_logits) if options.compile else net.lowres_logits
+        from segflow.models.working_size import resolve_working_size
+
+        # Larger images run at this long side and get masks back at their size (pipeline/resize.py).
+        self.working_size = resolve_working_size(model.working_size, loaded.meta, model.tiles)
+        self.tiles = model.tiles
+        if model.tiles is not None:  # tiles bound the network's memory whatever the image's size
+            from functools import partial
+
+            from segflow.models.sliding import slide_logits
+
+            self.lowres = partial(slide_logits, self.lowres, tile=model.tiles[0], stride=model.tiles[1])
         self.mean = torch.tensor(loaded.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(loaded.std, device=self.device).view(1, 3, 1, 1) * 255
         self.node_id = _node_id()
@@ -130,8 +141,9 @@ class ModelWorker:
             t0 = time.perf_counter()
             data = read_bytes(uri, self.storage_options)
             t1 = time.perf_counter()
-            rgb = decode_image(data, uri, self.options.max_pixels)
-            return {**base, "rgb": rgb, "seconds_read": t1 - t0, "seconds_decode": time.perf_counter() - t1}
+            rgb, resized = decode_for_network(data, uri, self.options.max_pixels, self.working_size)
+            tiles = {"tiles": self.tiles} if self.tiles is not None else {}
+            return {**base, "rgb": rgb, **resized, **tiles, "seconds_read": t1 - t0, "seconds_decode": time.perf_counter() - t1}
         except ImageError as exc:
             return {**base, "failure": {"stage": exc.stage, "reason": exc.reason, "image_fault": True}}
         except (StorageError, ImportError):

@@ -120,7 +120,7 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     t0 = time.perf_counter()
     m = cfg.model
     info = describe_model(m.model, m.checkpoint, m.weights, m.num_classes, m.seed, storage_options=cfg.storage_options)
-    model_fingerprint = info.fingerprint if m.tta == "none" else digest({"model": info.fingerprint, "tta": m.tta})
+    model_fingerprint = _model_fingerprint(info, m)
     refinement = _resolve_refinement(cfg, info.meta)
     crf_fingerprint = refinement.fingerprint()
     evaluation = asdict(cfg.evaluation) if cfg.evaluation is not None else None
@@ -149,6 +149,18 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
         interrupted_replacements=len(pending_records(cfg.output, cfg.storage_options)),
         precision=precision,
     )
+
+
+def _model_fingerprint(info, m) -> str:
+    """The checkpoint's fingerprint, plus what changes its masks when not at its default.
+
+    Defaults are left out (huggingface datasets' rule), so a job that does not ask for
+    tta, a working size or tiles keeps the fingerprint it always had.
+    """
+    from segflow.models.working_size import fingerprint_entries
+
+    extras = ({"tta": m.tta} if m.tta != "none" else {}) | fingerprint_entries(m.working_size, info.meta, m.tiles)
+    return digest({"model": info.fingerprint, **extras}) if extras else info.fingerprint
 
 
 def run_stage(cfg: SegmentConfig, plan: Plan):

@@ -19,6 +19,7 @@ import numpy as np
 from segflow.pipeline.config import LabelPairing
 from segflow.models.probabilities import labels_and_confidence, probabilities_from_logits
 from segflow.pipeline.masks import encode_mask
+from segflow.pipeline.resize import ImageMasks, masks_at_image_size, needs_image_size_path
 
 
 class Refiner(Protocol):
@@ -80,25 +81,29 @@ def refine_item(item: dict, ctx: RefineContext, shard_id: str) -> dict:
 
 def _refine(item: dict, ctx: RefineContext, base: dict) -> dict:
     rgb = item["rgb"]
-    height, width = rgb.shape[:2]
     t0 = time.perf_counter()
-    probs = probabilities_from_logits(item["logits"], height, width)
-    raw, confidence = labels_and_confidence(probs)
-    refined = ctx.refiner.refine(rgb, probs) if ctx.refiner is not None else None
+    if needs_image_size_path(item):  # resized to the working size, or tiled: masks built stripe by stripe
+        masks = masks_at_image_size(item, ctx.refiner, ctx.num_classes)
+    else:
+        probs = probabilities_from_logits(item["logits"], *rgb.shape[:2])
+        raw, confidence = labels_and_confidence(probs)
+        refined = ctx.refiner.refine(rgb, probs) if ctx.refiner is not None else None
+        masks = ImageMasks.of(raw, refined, confidence, ctx.num_classes)
     t1 = time.perf_counter()
-    final = refined if refined is not None else raw
+    raw, refined = masks.raw, masks.final if masks.refined else None
+    height, width = raw.shape
     palette = list(ctx.flat_palette)
     row = {
         **base,
         "height": height,
         "width": width,
-        "mask": encode_mask(final, palette),
+        "mask": encode_mask(masks.final, palette),
         "raw_mask": encode_mask(raw, palette) if refined is not None else None,
-        "pixel_counts": np.bincount(final.ravel(), minlength=ctx.num_classes).tolist(),
-        "raw_pixel_counts": np.bincount(raw.ravel(), minlength=ctx.num_classes).tolist(),
-        "crf_changed_fraction": float((refined != raw).mean()) if refined is not None else None,
-        "mean_confidence": float(confidence.mean()),
-        "min_confidence": float(confidence.min()),
+        "pixel_counts": masks.counts,
+        "raw_pixel_counts": masks.raw_counts,
+        "crf_changed_fraction": masks.changed_fraction,
+        "mean_confidence": masks.mean_confidence,
+        "min_confidence": masks.min_confidence,
         "seconds_read": item.get("seconds_read"),
         "seconds_decode": item.get("seconds_decode"),
         "seconds_infer": item.get("seconds_infer"),

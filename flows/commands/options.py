@@ -27,6 +27,12 @@ def add_engine_args(p) -> None:
     m.add_argument("--num-classes", type=int, help="classes of an untrained --model with --weights none")
     m.add_argument("--seed", type=int, default=0, help="seed for --weights none (default 0)")
     m.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation, averaged in logit space before the CRF: flip (2 passes) or flip-scales (0.75/1/1.25, 6 passes) (default none)")
+    m.add_argument("--working-size", type=working_size_arg, default=None, metavar="PX|full",
+                   help="long side (px) the network and the CRF run at; larger images are resized, their masks come back at the image's size "
+                        "(default: the checkpoint's training scale, else 1024; full: every pixel)")
+    m.add_argument("--tiles", type=tiles_arg, default=None, metavar="SIZE,STRIDE",
+                   help="sliding-window inference over SIZE px tiles STRIDE px apart, logits averaged where they overlap; memory bounded by the tile; "
+                        "implies --working-size full unless given (default none: the whole image at once)")
     add_refinement_args(p)
     e = p.add_argument_group("engine")
     e.add_argument("--ray-address", help="existing Ray cluster: auto, ray://host:port (default: start a local Ray)")
@@ -147,7 +153,7 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
     return SegmentConfig(
         input=input,
         output=output,
-        model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed, args.tta),
+        model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed, args.tta, args.working_size, args.tiles),
         refinement=args.refinement,
         crf_params=tuple(overrides.items()),
         shard_size=args.shard_size,
@@ -169,6 +175,17 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
         progress=not args.no_progress and sys.stderr.isatty(),
         storage_options=json_object("--storage-options", args.storage_options),
     )
+
+
+def working_size_arg(text: str) -> int | str:
+    """--working-size: "full" or a long side in pixels (ModelRef checks the range)."""
+    return text if text == "full" else int(text)
+
+
+def tiles_arg(text: str) -> tuple[int, int]:
+    """--tiles SIZE,STRIDE -> (size, stride) (ModelRef checks the values)."""
+    size, _, stride = text.partition(",")
+    return int(size), int(stride or size)
 
 
 def json_object(flag: str, text: str | dict | None) -> dict:

@@ -53,6 +53,15 @@ class CRFParams:
 
 def refine_with_crf(rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
     """(H, W, 3) uint8 image and (C, H, W) float32 probabilities -> (H, W) uint8 labels."""
+    return crf_probabilities(rgb, probs, params).argmax(axis=0).astype(np.uint8)
+
+
+def crf_probabilities(rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """(H, W, 3) uint8 image and (C, H, W) float32 probabilities -> (C, H, W) float32 mean-field Q.
+
+    The engine upsamples Q when the CRF ran at a working size smaller than the image
+    (pipeline/resize.py), so labels never get stretched by nearest neighbour.
+    """
     import pydensecrf.densecrf as dcrf  # here, not at import: the driver only needs CRFParams
     from pydensecrf.utils import unary_from_softmax
 
@@ -69,7 +78,7 @@ def refine_with_crf(rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np
         compat=params.bilateral_compat,
     )
     q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
-    return q.argmax(axis=0).reshape(height, width).astype(np.uint8)
+    return q.reshape(num_classes, height, width)
 
 
 class DenseCRF:
@@ -95,3 +104,7 @@ class DenseCRF:
     def refine(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 image, (C, H, W) float32 probabilities -> (H, W) uint8 labels."""
         return refine_with_crf(rgb, probs, self.params)
+
+    def refine_probabilities(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image, (C, H, W) float32 probabilities -> (C, H, W) float32 Q, for upsampling."""
+        return crf_probabilities(rgb, probs, self.params)
