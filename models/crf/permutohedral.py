@@ -227,8 +227,9 @@ class LatticeMessages:
 def _elevate(f: torch.Tensor) -> torch.Tensor:
     """(P, d) -> (P, d+1) points on the hyperplane sum = 0, scaled as densecrf scales them."""
     d = f.shape[1]
-    inv_std_dev = math.sqrt(2.0 / 3.0) * (d + 1)
-    scale = torch.tensor([inv_std_dev / math.sqrt((i + 1) * (i + 2)) for i in range(d)], dtype=torch.float32, device=f.device)
+    # densecrf stores inv_std_dev as a float, then multiplies in double and stores a float
+    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    scale = torch.tensor([1.0 / math.sqrt((i + 1) * (i + 2)) * inv_std_dev for i in range(d)], dtype=torch.float32, device=f.device)
     cf = f * scale
     # suffix[:, k] = cf[:, k] + ... + cf[:, d-1], summed from the end as densecrf does
     suffix = torch.flip(torch.cumsum(torch.flip(cf, [1]), dim=1), [1])
