@@ -66,7 +66,7 @@ def run_job(cfg: SegmentConfig, flow: str, wait_for_output_seconds: float | None
         plan = plan_work(cfg, list_inputs(cfg))
         publish_plan(plan.describe(), cfg.output, flow)
         return JobResult(plan, None, None)
-    with output_lock(cfg.output, wait_for_output_seconds):
+    with output_lock(cfg.output, wait_for_output_seconds, cfg.storage_options):
         plan = plan_work(cfg, list_inputs(cfg))
         stats = run_shards(cfg, plan)
         summary = summarise_run(cfg, plan, stats)

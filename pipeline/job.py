@@ -206,13 +206,20 @@ def summarise_stage(cfg: SegmentConfig, plan: Plan, stats) -> RunSummary:
     )
 
 
-def run_segment(cfg: SegmentConfig, on_plan=None) -> RunSummary:
-    """List, plan, run and summarise in one call."""
-    manifest = list_stage(cfg)
-    plan = plan_stage(cfg, manifest)
-    if on_plan:
-        on_plan(plan)
-    return summarise_stage(cfg, plan, run_stage(cfg, plan))
+def run_segment(cfg: SegmentConfig, on_plan=None, wait_for_output_seconds: float | None = None) -> RunSummary:
+    """List, plan, run and summarise in one call, holding OUTPUT's lock (`lock.output_lock`) throughout.
+
+    A second writer of the same OUTPUT waits for it, up to `wait_for_output_seconds`
+    (None: as long as it takes), then raises OutputBusyError.
+    """
+    from segflow.pipeline.lock import output_lock
+
+    with output_lock(cfg.output, cfg.storage_options, wait_for_output_seconds):
+        manifest = list_stage(cfg)
+        plan = plan_stage(cfg, manifest)
+        if on_plan:
+            on_plan(plan)
+        return summarise_stage(cfg, plan, run_stage(cfg, plan))
 
 
 def finish_evaluation(cfg: SegmentConfig, plan: Plan) -> dict:

@@ -27,11 +27,11 @@ def run(args) -> int:
 
     options = json.loads(args.storage_options) if args.storage_options else None
     if args.repair or args.prune_history:
-        from segflow.flows.locking import output_lock
         from segflow.pipeline.history import prune_history
+        from segflow.pipeline.lock import output_lock
         from segflow.pipeline.verify import repair_output
 
-        with output_lock(args.output):
+        with output_lock(args.output, options):
             if args.repair:
                 print(f"segflow verify: finished {repair_output(args.output, options)} interrupted replacement(s)")
             if args.prune_history:
