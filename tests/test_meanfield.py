@@ -117,11 +117,11 @@ def test_lattice_is_pydensecrf_and_both_approximate_brute_force_alike():
     assert not np.array_equal(q.argmax(0), probs.argmax(0))  # the CRF changed something
 
 
-@pytest.mark.parametrize("backend", ["lattice", "window"])
-def test_a_batch_equals_its_images_one_by_one(backend):
+@pytest.mark.parametrize("backend, downsample", [("lattice", 1), ("window", 2), ("window", 3)])
+def test_a_batch_equals_its_images_one_by_one(backend, downsample):
     """Images of a batch share one lattice (grouped keys) or one tensor; none may leak into another."""
     pairs = [_tensors(*_tiny_inputs(seed)) for seed in (1, 2)]
-    crf = MeanFieldCRF(3, replace(TINY, backend=backend, window_size=5, downsample=2))
+    crf = MeanFieldCRF(3, replace(TINY, backend=backend, window_size=5, downsample=downsample))
     batched = crf(torch.cat([u for u, _ in pairs]), torch.cat([r for _, r in pairs]))
     for i, (unary, rgb) in enumerate(pairs):
         torch.testing.assert_close(batched[i : i + 1], crf(unary, rgb), atol=1e-5, rtol=0)
@@ -150,11 +150,11 @@ def test_lattice_agrees_with_pydensecrf_on_camvid(camvid):
         assert (expected != probs.argmax(0)).mean() > 0.01  # the dense CRF moved enough pixels to matter
 
 
-@pytest.mark.parametrize("backend", ["lattice", "window"])
-def test_gradients_match_finite_differences(backend):
+@pytest.mark.parametrize("backend, downsample", [("lattice", 1), ("window", 1), ("window", 2)])
+def test_gradients_match_finite_differences(backend, downsample):
     img, probs = _tiny_inputs(h=3, w=4)
     unary, rgb = _tensors(img, probs)
-    crf = MeanFieldCRF(3, replace(TINY, iterations=2, backend=backend, window_size=3, downsample=1)).double()
+    crf = MeanFieldCRF(3, replace(TINY, iterations=2, backend=backend, window_size=3, downsample=downsample)).double()
     with torch.no_grad():  # asymmetric, class-specific: gradients must not rely on the Potts start
         crf.compatibility.add_(0.3 * torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
         crf.bilateral_weight.mul_(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
