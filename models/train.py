@@ -50,7 +50,7 @@ class TrainConfig:
     label_set: str = "camvid"
     epochs: int = 200
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float | None = None  # None: SCRATCH_LR, or FINE_TUNE_LR when a whole trained network is fine-tuned
     weight_decay: float = 1e-4
     crop: tuple[int, int] = (176, 224)
     scale: tuple[float, float] = (0.5, 0.9)
@@ -61,6 +61,10 @@ class TrainConfig:
     resume: bool = False
     max_images: int = 0  # 0: every image; N: the first N of train and of val (smoke runs)
     command: str = field(default="", compare=False)
+
+
+SCRATCH_LR = 2e-3  # from scratch, or a fresh head on a frozen base
+FINE_TUNE_LR = 1e-4  # a joint head (crfrnn) starting from a trained base: 2e-3 wrecks the trained backbone in a few steps
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,8 @@ def train(cfg: TrainConfig) -> dict:
         if base is None:
             raise CheckpointError(f"head {cfg.head!r} trains {net.head.training_mode} on a trained, frozen base; give one with --base (bundled, or a checkpoint)")
         net.freeze_base()
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    peak_lr = peak_learning_rate(cfg, net, base)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=peak_lr, weight_decay=cfg.weight_decay)
     weights = median_frequency_weights(train_set.labels, labels.num_classes) if cfg.class_weights == "median-frequency" else None
     aug = Augmentation(crop=cfg.crop, scale=cfg.scale)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -125,7 +130,7 @@ def train(cfg: TrainConfig) -> dict:
         net.train()
         losses, terms = [], {}
         for images, targets in batches(train_set, cfg.batch_size, aug, labels.ignore_index, gen):
-            lr = cfg.lr * (1 - step / total_steps) ** 0.9
+            lr = peak_lr * (1 - step / total_steps) ** 0.9
             for group in opt.param_groups:
                 group["lr"] = lr
             named = net.loss((images - mean) / std, targets, weights, labels.ignore_index)
@@ -192,6 +197,13 @@ def load_base(cfg: TrainConfig, architecture: dict, labels) -> BaseModel | None:
     return BaseModel(reference, sha, state_dict, meta)
 
 
+def peak_learning_rate(cfg: TrainConfig, net, base: BaseModel | None) -> float:
+    """`cfg.lr`, else FINE_TUNE_LR when every weight of a trained base learns, else SCRATCH_LR."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return FINE_TUNE_LR if base is not None and not net.base_frozen else SCRATCH_LR
+
+
 def _load_base_weights(net, base: BaseModel) -> None:
     missing, unexpected = net.load_state_dict(base.state_dict, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
@@ -226,7 +238,7 @@ def _save_deployable(cfg: TrainConfig, net, labels, architecture, normalization,
         "training": {
             "data": {"images": cfg.images, "labels": cfg.labels, "val_images": cfg.val_images, "val_labels": cfg.val_labels},
             "command": cfg.command,
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "command"},
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "command"} | {"lr": peak_learning_rate(cfg, net, base)},
             "epoch": best["epoch"],
             "seconds": best["train_seconds"],
         },

@@ -20,13 +20,15 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="fcn8s_resnet18", help="network: fcn8s|fcn16s|fcn32s _ resnet18|resnet34|resnet50|mobilenet_v3_large (default: fcn8s_resnet18)")
     p.add_argument("--head", choices=tuple(HEADS), default=DEFAULT_HEAD,
                    help=f"head on the FCN (default: {DEFAULT_HEAD}): fcn trains the whole network jointly; dpn (Deep Parsing "
-                        "Network MRF layers) trains staged on a frozen base; context (contextual CRF) trains piecewise on a frozen base")
+                        "Network MRF layers) trains staged on a frozen base and context (contextual CRF) piecewise on a frozen "
+                        "base, both saved head-only; crfrnn (FCN + trainable mean-field CRF) trains jointly, saved complete")
     p.add_argument("--base", help="checkpoint to start from: 'bundled', a path or URL, or 'none' for from scratch "
-                                  "(default: bundled for dpn and context, whose base stays frozen; none for fcn)")
+                                  "(default: bundled for dpn, context and crfrnn; none for fcn, which trains from scratch)")
     p.add_argument("--label-set", default="camvid", help="class names and palette of the labels (default: camvid)")
     p.add_argument("--epochs", type=int, default=200, help="passes over the training images (default: 200)")
     p.add_argument("--batch-size", type=int, default=8, help="augmented crops per step (default: 8)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, decayed polynomially (power 0.9) to 0 (default: 0.002)")
+    p.add_argument("--lr", type=float, help="AdamW peak learning rate, decayed polynomially (power 0.9) to 0 (default: 0.002; "
+                                             "0.0001 when a whole trained base is fine-tuned, as crfrnn does)")
     p.add_argument("--crop", type=int, nargs=2, default=(176, 224), metavar=("H", "W"), help="training crop size in pixels (default: 176 224)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.5, 0.9), metavar=("MIN", "MAX"), help="random rescale range before cropping (default: 0.5 0.9)")
     p.add_argument("--class-weights", choices=("median-frequency", "none"), default="median-frequency",

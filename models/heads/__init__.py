@@ -19,6 +19,7 @@ HEADS: dict[str, str] = {
     "fcn": "segflow.models.heads.fcn:FCNHead",
     "dpn": "segflow.models.heads.dpn:DPNHead",
     "context": "segflow.models.heads.context:ContextCRFHead",
+    "crfrnn": "segflow.models.heads.crfrnn:CRFRNNHead",
 }
 
 DEFAULT_HEAD = "fcn"
