@@ -27,14 +27,8 @@ COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule", "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segflow", description="Batch semantic segmentation on Ray, orchestrated by Prefect.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"segflow.flows.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"segflow.flows.commands.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+    for name in COMMANDS:  # every listed command exists: an import error is a bug, never skipped
+        importlib.import_module(f"segflow.flows.commands.{name}").add_parser(sub)
     return parser
 
 

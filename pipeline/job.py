@@ -15,7 +15,7 @@ import pyarrow as pa
 from segflow.pipeline.config import SegmentConfig, digest
 from segflow.errors import ConfigError, InputError
 from segflow.pipeline.listing import list_inputs
-from segflow.pipeline.sharding import Shard, plan_shards
+from segflow.pipeline.sharding import Shard, plan_resumable
 from segflow.pipeline.history import Replacer, finish_pending, pending_records
 from segflow.pipeline.state import diff_work, read_existing
 from segflow.pipeline.storage import redact
@@ -135,7 +135,7 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     work = diff_work(manifest, existing, job_fingerprint, cfg.force, cfg.retry_errors, cfg.prune)
     unpaired = (manifest.schema.metadata or {}).get(b"unpaired_labels", b"").decode()
     return Plan(
-        shards=plan_shards(work.work, cfg.shard_size, job_fingerprint),
+        shards=plan_resumable(manifest, work.work, cfg.shard_size, job_fingerprint),
         images_total=len(manifest),
         up_to_date=work.up_to_date,
         deleted=work.deleted,

@@ -9,9 +9,12 @@ per-shard costs stay amortised. With `shard_size` <= 4 the cut is plain runs of 
 
 A shard's id is a hash of the job fingerprint and its members' (uri, key) pairs, so the
 same work under the same model and CRF always gives the same ids and file names, and a
-rerun overwrites instead of duplicating. Resume comes from the outputs, not the ids:
-committed shards' images drop out of the work list and what is left is cut afresh
-(an uncommitted shard left no files, so a different cut loses and duplicates nothing).
+rerun overwrites instead of duplicating. `plan_resumable` cuts the whole manifest, not
+just the work, and keeps each shard of that cut whose images are all still to do: a
+resumed run (same INPUT, same fingerprint) therefore gets exactly the shards, and ids,
+that the killed run had not committed, ramp included, since a shard commits all or
+nothing. Only work that shares a shard of the full cut with done images (new or changed
+images in an incremental run) is cut afresh.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ def plan_shards(work: pa.Table, shard_size: int, job_fingerprint: str) -> list[S
             )
         )
     return shards
+
+
+def plan_resumable(manifest: pa.Table, work: pa.Table, shard_size: int, job_fingerprint: str) -> list[Shard]:
+    """Shards for `work` (a subset of the sorted `manifest`) that a resumed run cuts the same way.
+
+    The manifest's own cut, less every shard with a done image; then the rest of the
+    work, cut afresh. When everything is work, that is simply the work's cut.
+    """
+    if len(work) == len(manifest) or len(work) == 0:
+        return plan_shards(work, shard_size, job_fingerprint)
+    todo = set(work.column("uri").to_pylist())
+    kept = [s for s in plan_shards(manifest, shard_size, job_fingerprint) if all(u in todo for u in s.uris)]
+    covered = {u for s in kept for u in s.uris}
+    rest = work.filter(pa.array([u not in covered for u in work.column("uri").to_pylist()], pa.bool_()))
+    return kept + plan_shards(rest, shard_size, job_fingerprint)
 
 
 def shard_sizes(count: int, shard_size: int) -> list[int]:
