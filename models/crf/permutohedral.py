@@ -228,7 +228,7 @@ class LatticeMessages:
 @functools.lru_cache(maxsize=4)
 def _position_lattice(n: int, h: int, w: int, sxy: float, device: torch.device) -> PermutohedralLattice:
     """The smoothness kernel's lattice depends on the batch's shape only: built once per shape
-    (~50 ms at 480 x 360 on a CPU core), kept for the last 4 shapes (~10 MB each there)."""
+    (~50 ms at 480 x 360 on a CPU core), kept for the last 4 shapes (~20 MB each there)."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     xy = torch.stack([xs, ys], dim=-1).reshape(h * w, 2).float().repeat(n, 1)
     groups = torch.arange(n, device=device).repeat_interleave(h * w)
