@@ -68,7 +68,9 @@ def list_inputs(input: str, storage_options: dict | None = None, content_hash: b
     else:
         info = _info(fs, path, input)
         suffix = posixpath.splitext(path)[1].lower()
-        if info.get("type") == "directory":
+        if info.get("type") == "directory" and isinstance(fs, LocalFileSystem):
+            stats = _table_from_infos(fs, [i for i in _walk_local(fs, fs._strip_protocol(path)) if _is_image_file(i)])
+        elif info.get("type") == "directory":
             found = with_retries(fs.find, path, detail=True, withdirs=False, what=input)
             stats = _table_from_infos(fs, [i for i in found.values() if _is_image_file(i)])
         elif suffix == ".txt":
@@ -241,6 +243,46 @@ class _ParentResolver:
         if not probe.endswith(_PROBE):
             return None
         return fs, directory, probe[: -len(_PROBE)]
+
+
+def _walk_local(fs: LocalFileSystem, root: str) -> list[dict]:
+    """Info of every file under a local folder, following symlinked files and folders.
+
+    fsspec's `find` reports a symlink as type "other" and does not descend into a linked
+    folder, so a folder of symlinks (a common way to pick a subset of a dataset) listed as
+    empty. Here each real folder is entered once, by its (device, inode), so a link to an
+    ancestor cannot loop; entries are visited in name order, so the same tree always gives
+    the same URIs (a file's `uri` is its path under INPUT, link names included). A link
+    whose target is missing (or a loop of links) is kept with no size: it becomes the
+    image's "unreadable path" error row (storage.read_bytes) instead of vanishing.
+    """
+    import os
+
+    infos, seen, stack = [], set(), [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError:  # vanished or unreadable since it was found: nothing to list there
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                is_folder = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_folder = False
+            if is_folder:
+                stack.append(path)
+                continue
+            try:
+                infos.append(fs.info(path))
+            except OSError:  # a dangling link, or a loop of links
+                infos.append({"name": path, "type": "file", "size": None, "islink": entry.is_symlink()})
+    return infos
 
 
 # --- columns ------------------------------------------------------------------------------

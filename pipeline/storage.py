@@ -174,12 +174,17 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     except StorageError:
         raise
     except FileNotFoundError:
+        if isinstance(fs, LocalFileSystem) and os.path.islink(path):
+            raise ImageReadError(redact(uri), f"unreadable path: a symlink to {redact(os.readlink(path))}, which does not exist "
+                                 "(a dangling link); fix or remove the link") from None
         raise ImageReadError(redact(uri), "not found (listed as an input but gone now, or a wrong path)") from None
     except PermissionError:
         raise ImageReadError(redact(uri), "permission denied; check the credentials for this location") from None
     except (IsADirectoryError, NotADirectoryError):
         raise ImageReadError(redact(uri), "not a file (a directory, or a path through a file)") from None
     except (ConfigError, OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ELOOP:
+            raise ImageReadError(redact(uri), "unreadable path: a loop of symlinks; fix or remove the link") from None
         raise ImageReadError(redact(uri), f"cannot read: {redact(_describe(e))}") from None
     except Exception as e:
         if _is_botocore_param_error(e):  # e.g. an invalid bucket name in a manifest entry
