@@ -9,8 +9,8 @@ Exactness: torch's CPU kernel computes each output as `a * w0 + (b * w1)` with t
 first product fused (one rounding, FMA) and the source coordinate as `scale * (y + 0.5)
 - 0.5`, also fused. `upsample_rows` lets torch do the horizontal pass itself (a pass whose
 row weights are exactly 1 and 0 returns the horizontally interpolated rows unchanged) and
-reproduces the vertical pass with those roundings (products of two float32 are exact in
-float64, so the float64 sum rounds once, like the FMA). tests/test_large_images.py checks
+reproduces the vertical pass with those roundings (`torch.addcmul` fuses its product the
+same way; an unfused `a * w0 + b * w1` differs in the last bit on ~1 value in 5). tests/test_large_images.py checks
 equality with the one-shot call on several sizes, so a torch whose kernel rounds
 differently fails there rather than changing masks silently.
 """
@@ -71,11 +71,12 @@ def upsample_rows(
         slab = x[:, lo:hi]
         # height unchanged: row weights exactly 1 and 0, so these are torch's own horizontal values
         horizontal = F.interpolate(slab[None], size=(hi - lo, width), mode="bilinear", align_corners=False)[0]
-        a = horizontal[:, torch.from_numpy(i0[r0:r1] - lo)].double()
+        a = horizontal[:, torch.from_numpy(i0[r0:r1] - lo)]
         b = horizontal[:, torch.from_numpy(i1[r0:r1] - lo)]
-        w0 = torch.from_numpy(l0[r0:r1]).double()[None, :, None]
+        w0 = torch.from_numpy(l0[r0:r1])[None, :, None]
         w1 = torch.from_numpy(l1[r0:r1])[None, :, None]
-        yield r0, (a * w0 + (b * w1).double()).float()
+        b.mul_(w1)
+        yield r0, torch.addcmul(b, a, w0.expand_as(a))  # a * w0 + b * w1 with the first product fused, as torch's kernel
 
 
 class MaskAccumulator:
@@ -94,22 +95,23 @@ class MaskAccumulator:
         self._confidence_min = np.inf
 
     def add_logits(self, row0: int, logits: torch.Tensor) -> None:
-        top, labels = logits.amax(dim=0), logits.argmax(dim=0)
-        # top softmax probability = 1 / sum_k exp(l_k - max)
-        confidence = 1.0 / torch.exp(logits - top).sum(dim=0)
-        self._store(row0, labels, confidence)
+        top, labels = _max_and_argmax(logits)
+        # top softmax probability = 1 / sum_k exp(l_k - max), one class at a time (no K x rows x W temporary)
+        total = torch.zeros_like(top)
+        for c in range(logits.shape[0]):
+            total += torch.exp(logits[c] - top)
+        self._store(row0, labels, total.reciprocal_())
 
     def add_probabilities(self, row0: int, probs: torch.Tensor, confidence: bool = False) -> None:
-        top, labels = probs.amax(dim=0), probs.argmax(dim=0)
+        top, labels = _max_and_argmax(probs)
         self._store(row0, labels, top if confidence else None)
 
-    def _store(self, row0: int, labels: torch.Tensor, confidence: torch.Tensor | None) -> None:
-        labels = _first_argmax(labels)
+    def _store(self, row0: int, labels: np.ndarray, confidence: torch.Tensor | None) -> None:
         out = self.labels[row0 : row0 + labels.shape[0]]
         out[...] = labels
         self.counts += np.bincount(out.ravel(), minlength=self.num_classes)[: self.num_classes]
         if confidence is not None:
-            self._confidence_sum += float(confidence.double().sum())
+            self._confidence_sum += float(confidence.sum(dtype=torch.float64))
             self._confidence_min = min(self._confidence_min, float(confidence.min()))
 
     @property
@@ -121,6 +123,16 @@ class MaskAccumulator:
         return float(self._confidence_min)
 
 
-def _first_argmax(labels: torch.Tensor) -> np.ndarray:
-    """`argmax` indices as uint8 (torch documents ties as going to the first maximum, as numpy's)."""
-    return labels.numpy().astype(np.uint8)
+def _max_and_argmax(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """(K, r, W) -> max over K and its argmax as uint8, ties to the first class (as numpy's argmax).
+
+    One class at a time, like segflow.models.probabilities.labels_and_confidence: torch's
+    and numpy's reductions over the leading axis are their slow case (~5x here).
+    """
+    best = x[0].clone()
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    for c in range(1, x.shape[0]):
+        better = x[c] > best
+        labels.masked_fill_(better, c)
+        torch.maximum(best, x[c], out=best)
+    return best, labels.numpy()
