@@ -150,6 +150,11 @@ def print_evaluation(evaluation: dict) -> None:
     if crf:
         line += f", CRF {_pct(crf.get('miou'))} ({_signed(crf.get('miou'), raw.get('miou'))})"
     print(f"{line}; report: {evaluation.get('report')}")
+    unlabelled = f"segflow: {evaluation.get('images_scored', 0)} images scored, {evaluation.get('images_rejected', 0)} rejected (label refused), " \
+                 f"{evaluation.get('images_unpaired', 0)} unpaired (no label), {len(evaluation.get('unpaired_labels') or [])} labels without an image"
+    print(unlabelled)
+    for reason in [*evaluation.get("rejected_examples", []), *evaluation.get("unpaired_examples", [])][:5]:
+        print(f"segflow:   {reason}")
 
 
 def _pct(v) -> str:

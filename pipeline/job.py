@@ -241,9 +241,46 @@ def finish_evaluation(cfg: SegmentConfig, plan: Plan) -> dict:
     pairing = _pairing(cfg, labels)
     summary = summarise_metrics(cfg.output, cfg.storage_options, labels)
     summary["unpaired_labels"] = plan.unpaired_labels
+    summary.update(_label_outcomes(cfg))
+    summary["provenance"] = _provenance(cfg, plan)
     summary["report"] = redact(write_report(cfg.output, summary, labels, pairing=pairing, storage_options=cfg.storage_options))
     commit_file(f"{cfg.output.rstrip('/')}/{SUMMARY_JSON}", json.dumps(summary, indent=1, default=str).encode(), storage_options=cfg.storage_options)
     return summary
+
+
+def _label_outcomes(cfg: SegmentConfig) -> dict:
+    """How many images have a mask but no metrics, and why: no label paired, or a label refused.
+
+    Each such image has a mask and an error row at stage `label` naming both files
+    (pipeline/refine.py); up to 5 of each kind are quoted.
+    """
+    from segflow.pipeline.reader import read_errors
+
+    rows = read_errors(cfg.output, columns=["uri", "stage", "reason"], storage_options=cfg.storage_options).to_pylist()
+    rows = [r for r in rows if r["stage"] == "label"]
+    unpaired = [r for r in rows if r["reason"].startswith("no label file")]
+    rejected = [r for r in rows if not r["reason"].startswith("no label file")]
+    return {
+        "images_unpaired": len(unpaired), "images_rejected": len(rejected),
+        "unpaired_examples": [redact(r["reason"]) for r in unpaired[:5]],
+        "rejected_examples": [redact(r["reason"]) for r in rejected[:5]],
+    }
+
+
+def _provenance(cfg: SegmentConfig, plan: Plan) -> dict:
+    """What produced an evaluation, for its report: model or checkpoint, refinement, inputs, date."""
+    import datetime
+
+    m = cfg.model
+    params = plan.refinement.params
+    return {
+        "model": redact(m.checkpoint) if m.checkpoint else (m.model or "bundled CamVid FCN-8s"),
+        "weights": m.weights, "model_fingerprint": plan.model_fingerprint, "job_fingerprint": plan.job_fingerprint,
+        "refinement": plan.refinement.name, "refinement_parameters": asdict(params) if params is not None else None,
+        "refinement_fingerprint": plan.refinement.fingerprint(), "precision": plan.precision,
+        "images": redact(cfg.input), "labels": redact(cfg.evaluation.labels) if cfg.evaluation else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _pairing(cfg: SegmentConfig, labels):

@@ -112,7 +112,13 @@ def _refine(item: dict, ctx: RefineContext, base: dict) -> dict:
     row["seconds_encode"] = time.perf_counter() - t1
     out = {"mask": row}
     if ctx.evaluation is not None:
-        out["metrics"] = _metrics_row(item, ctx, base, raw, refined)
+        from segflow.errors import LabelError
+
+        try:
+            out["metrics"] = _metrics_row(item, ctx, base, raw, refined)
+        except LabelError as exc:  # the mask stands; only this image's metrics are missing, and say why
+            reason = exc.reason if exc.uri == base["uri"] else f"label {exc.uri}: {exc.reason}"
+            out["error"] = {**base, "stage": exc.stage, "reason": reason, "attempts": 1, "image_fault": True}
     return out
 
 
@@ -121,8 +127,18 @@ def _metrics_row(item: dict, ctx: RefineContext, base: dict, raw: np.ndarray, re
     from segflow.pipeline.evaluation.metrics import image_metrics
     from segflow.pipeline.storage import read_bytes
 
-    label_uri = item["label_uri"]
+    from segflow.errors import LabelError
+    from segflow.pipeline.storage import redact
+
+    image_uri, label_uri = base["uri"], item.get("label_uri")
+    if label_uri is None:
+        raise LabelError(image_uri, f"no label file under LABELS pairs with image {redact(image_uri)} (expected a file named like "
+                         f"its stem + {ctx.evaluation.label_suffix!r}); its mask is kept, it is not scored")
     label = decode_label(read_bytes(label_uri, ctx.storage_options), label_uri, ctx.evaluation, ctx.num_classes)
+    if label.shape != raw.shape:
+        (lh, lw), (ih, iw) = label.shape, raw.shape
+        raise LabelError(image_uri, f"label {redact(label_uri)} is {lw}x{lh} but image {redact(image_uri)} is {iw}x{ih}; "
+                         "its mask is kept, it is not scored (pair each image with a label of its own size)")
     metrics = image_metrics(
         label,
         raw,

@@ -127,8 +127,12 @@ def read_existing(output: str, storage_options: dict | None = None, remove_lefto
             schema = pa.schema([ERRORS_SCHEMA.field(c) for c in [*_STATE_COLUMNS, "stage", "image_fault"]])
             t = ds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()
             done = image_fault(t)
+            stage = t.column("stage")
             t = t.select(_STATE_COLUMNS)
+        if dataset == MASKS:
+            stage = pa.nulls(len(t), pa.string())
         t = t.append_column("dataset", pa.array([dataset] * len(t), pa.string()))
+        t = t.append_column("stage", stage)
         tables.append(t.append_column("done", done))
     rows = pa.concat_tables(tables) if tables else _empty_state()
     stale = hidden_rows(output, storage_options)
@@ -160,8 +164,9 @@ def diff_work(manifest: pa.Table, existing: ExistingOutputs, job_fingerprint: st
         good = pc.and_(good, pc.equal(rows.column("dataset"), MASKS) if retry_errors else rows.column("done"))
         current = rows.filter(good).select(["uri", "key"])
         matched = manifest.select(["uri", "key"]).join(current, keys=["uri", "key"], join_type="inner")
-        # an image with two rows (impossible unless files were edited by hand) is redone to heal it
-        counts = pc.value_counts(rows.column("uri"))
+        # an image with two rows (impossible unless files were edited by hand) is redone to heal it;
+        # a mask with a `label` error row beside it (evaluated, but its label missing or refused) is one result
+        counts = pc.value_counts(_results(rows).column("uri"))
         duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         done_uris = pc.filter(matched.column("uri"), pc.invert(pc.is_in(matched.column("uri"), value_set=duplicated)))
     is_done = pc.is_in(manifest.column("uri"), value_set=done_uris)
@@ -171,5 +176,13 @@ def diff_work(manifest: pa.Table, existing: ExistingOutputs, job_fingerprint: st
     return WorkDiff(work=work, up_to_date=len(manifest) - len(work), drop_uris=drop, deleted=deleted)
 
 
+def _results(rows: pa.Table) -> pa.Table:
+    """`rows` less the `label` error rows of images that have a mask: those only say why metrics are missing."""
+    masked = pc.filter(rows.column("uri"), pc.equal(rows.column("dataset"), MASKS))
+    note = pc.and_(pc.equal(rows.column("stage"), "label"), pc.is_in(rows.column("uri"), value_set=masked))
+    return rows.filter(pc.invert(pc.fill_null(note, False)))
+
+
 def _empty_state() -> pa.Table:
-    return pa.table({**{c: pa.array([], pa.string()) for c in [*_STATE_COLUMNS, "dataset"]}, "done": pa.array([], pa.bool_())})
+    columns = {c: pa.array([], pa.string()) for c in [*_STATE_COLUMNS, "dataset"]}
+    return pa.table({**columns, "stage": pa.array([], pa.string()), "done": pa.array([], pa.bool_())})

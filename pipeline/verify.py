@@ -44,6 +44,8 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
         problems.append(f"_replacing/{record.name}: interrupted replacement ({what}, {len(record.rows)} rows, {state}); "
                         "run the job again or `segflow verify OUTPUT --repair`")
     uris: Counter = Counter()
+    label_notes: Counter = Counter()
+    masked: set[str] = set()
     fingerprints: Counter = Counter()
     for (dataset, sid), path in sorted(files.items()):
         if dataset not in (MASKS, ERRORS):
@@ -61,10 +63,19 @@ def verify_output(output: str, input: str | None = None, storage_options: dict |
             fingerprints[fp] += 1
             if meta.get("job_fingerprint") not in (None, fp):
                 problems.append(f"{dataset}/shard-{sid}.parquet: rows made by {fp} but file metadata says {meta['job_fingerprint']}")
-        uris.update(table.column("uri").to_pylist())
+        if dataset == ERRORS and "stage" in table.column_names:  # see below: label rows beside a mask
+            for uri, stage in zip(table.column("uri").to_pylist(), table.column("stage").to_pylist()):
+                (label_notes if stage == "label" else uris)[uri] += 1
+        else:
+            uris.update(table.column("uri").to_pylist())
+        if dataset == MASKS:
+            masked.update(table.column("uri").to_pylist())
         if deep and dataset == MASKS:
             problems += _check_masks(table, f"{dataset}/shard-{sid}.parquet")
 
+    # A `label` error row beside an image's mask says why it has no metrics (evaluate): one result with it.
+    for uri, n in label_notes.items():
+        uris[uri] += n if uri not in masked else n - 1
     problems += [f"{redact(u)}: {n} rows (must be exactly one across masks and errors)" for u, n in sorted(uris.items()) if n > 1]
     if len(fingerprints) > 1:
         listed = ", ".join(f"{fp} ({n} files)" for fp, n in fingerprints.most_common())

@@ -73,11 +73,31 @@ def render_report(summary: dict, label_set: LabelSet, worst: list[GalleryRow], b
 
 
 def _counts(summary: dict) -> str:
+    """Scored, rejected and unpaired images with example reasons, then what produced the report."""
     failed = summary["rows"] - summary["images_scored"]
     parts = [f"{summary['images_scored']} images scored", f"{summary['images_with_crf']} with CRF"]
     if failed:
         parts.append(f"{failed} without metrics (error rows)")
-    return f"<p class=counts>{' · '.join(parts)}</p>"
+    parts.append(f"{summary.get('images_rejected', 0)} rejected (label refused)")
+    parts.append(f"{summary.get('images_unpaired', 0)} unpaired (no label)")
+    parts.append(f"{len(summary.get('unpaired_labels') or [])} labels without an image")
+    reasons = [*summary.get("rejected_examples", []), *summary.get("unpaired_examples", [])]
+    listed = "".join(f"<li>{escape(r)}</li>" for r in reasons)
+    html = f"<p class=counts>{' · '.join(parts)}</p>" + (f"<ul class=reasons>{listed}</ul>" if listed else "")
+    return html + _provenance(summary.get("provenance"))
+
+
+def _provenance(p: dict | None) -> str:
+    if not p:
+        return ""
+    params = p.get("refinement_parameters")
+    shown = ", ".join(f"{k}={v}" for k, v in params.items()) if params else "none"
+    rows = [("model", f"{p['model']} (weights {p.get('weights') or 'default'}), fingerprint {p['model_fingerprint']}"),
+            ("refinement", f"{p['refinement']} ({shown}), fingerprint {p['refinement_fingerprint']}"),
+            ("precision", p.get("precision", "off")), ("job fingerprint", p["job_fingerprint"]),
+            ("images", p["images"]), ("labels", p["labels"]), ("date", p["date"])]
+    cells = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table class=provenance>{cells}</table>"
 
 
 def _headline(summary: dict, pairing: LabelPairing | None) -> str:
