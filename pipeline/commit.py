@@ -95,7 +95,8 @@ def metrics_schema() -> pa.Schema:
     """Per-image evaluation rows: identity columns plus `metrics.metric_schema()`."""
     from segflow.pipeline.evaluation.metrics import metric_schema
 
-    identity = [pa.field(n, pa.string()) for n in ("uri", "label_uri", "shard_id", "job_fingerprint")]
+    # label_key: the label file's content key when scored, so a relabelled ground truth is rescored
+    identity = [pa.field(n, pa.string()) for n in ("uri", "label_uri", "shard_id", "job_fingerprint", "label_key")]
     return pa.schema([*identity, *metric_schema()])
 
 

@@ -320,6 +320,10 @@ class ShardExecutor:
             commit_shard(self.output, o.shard.shard_id, masks, errors, metrics, self.file_metadata, self.storage_options)
 
         metrics = o.metrics if self.evaluating else None
+        if self.evaluating:  # which label content each score (or refusal) was made against: evaluation/rescore.py
+            label_keys = dict(zip(o.shard.uris, o.shard.label_keys or [None] * len(o.shard)))
+            for row in [*o.metrics, *(r for r in o.errors if r.get("stage") == "label")]:
+                row["label_key"] = label_keys.get(row["uri"])
         if self.replacer is not None:
             self.replacer.commit(o.shard.shard_id, o.masks, o.errors, metrics, write)
         else:

@@ -40,6 +40,7 @@ class Plan:
     seconds: float = 0.0
     interrupted_replacements: int = 0  # records a killed run left in OUTPUT/_replacing: the run stage finishes them
     precision: str = "off"  # the network's autocast: off (full precision), bf16 or fp16; in the fingerprint unless off
+    rescore: list = field(default_factory=list)  # evaluation/rescore.Rescore: current masks whose labels changed
 
     @property
     def to_process(self) -> int:
@@ -52,7 +53,9 @@ class Plan:
             pruning = self.drop_uris & set(self.deleted)
             deleted = f"{len(self.deleted)} deleted from the source" + (" (pruning)" if pruning else " (kept; --prune removes them)")
         finishing = f"; finishing {self.interrupted_replacements} interrupted replacement(s)" if self.interrupted_replacements else ""
-        if not self.shards and not self.drop_uris:
+        rescoring = sum(len(r.uris) for r in self.rescore)
+        finishing += f"; {rescoring} to rescore from their stored masks (labels changed)" if rescoring else ""
+        if not self.shards and not self.drop_uris and not rescoring:
             return f"nothing to do: all {self.images_total} images are up to date" + (f"; {deleted}" if deleted else "") + finishing
         parts = [f"{self.to_process} of {self.images_total} images to process in {len(self.shards)} shards"]
         if self.up_to_date:
@@ -96,7 +99,7 @@ class RunSummary:
 
 
 def list_stage(cfg: SegmentConfig) -> pa.Table:
-    """The manifest of inputs (uri, key, ...; plus label_uri when evaluating)."""
+    """The manifest of inputs (uri, key, ...; plus label_uri and label_key when evaluating)."""
     manifest = list_inputs(cfg.input, cfg.storage_options, content_hash=cfg.content_hash)
     if cfg.evaluation is None:
         return manifest
@@ -110,6 +113,9 @@ def list_stage(cfg: SegmentConfig) -> pa.Table:
     # unpaired images stay in the work (label_uri null) and become "label" error rows
     label_uris = pa.array([label_of.get(u) for u in manifest.column("uri").to_pylist()], pa.string())
     manifest = manifest.append_column("label_uri", label_uris)
+    # the label's content key: metrics rows carry it, so relabelled ground truth is rescored (evaluation/rescore.py)
+    key_of = dict(zip(labels.column("uri").to_pylist(), labels.column("key").to_pylist()))
+    manifest = manifest.append_column("label_key", pa.array([key_of.get(u) for u in label_uris.to_pylist()], pa.string()))
     return manifest.replace_schema_metadata({b"unpaired_labels": "\n".join(unpaired_labels).encode()})
 
 
@@ -134,7 +140,13 @@ def plan_stage(cfg: SegmentConfig, manifest: pa.Table) -> Plan:
     existing = read_existing(cfg.output, cfg.storage_options)
     work = diff_work(manifest, existing, job_fingerprint, cfg.force, cfg.retry_errors, cfg.prune)
     unpaired = (manifest.schema.metadata or {}).get(b"unpaired_labels", b"").decode()
+    rescore = []
+    if cfg.evaluation is not None:
+        from segflow.pipeline.evaluation.rescore import stale_scores
+
+        rescore = stale_scores(manifest, existing, set(work.work.column("uri").to_pylist()))
     return Plan(
+        rescore=rescore,
         shards=plan_resumable(manifest, work.work, cfg.shard_size, job_fingerprint),
         images_total=len(manifest),
         up_to_date=work.up_to_date,
@@ -172,7 +184,7 @@ def run_stage(cfg: SegmentConfig, plan: Plan):
     """
     from segflow.pipeline.engine import ExecutionStats
 
-    if not plan.shards and not plan.drop_uris and not plan.interrupted_replacements:
+    if not plan.shards and not plan.drop_uris and not plan.interrupted_replacements and not plan.rescore:
         return ExecutionStats()
     finish_pending(cfg.output, cfg.storage_options)
     existing = read_existing(cfg.output, cfg.storage_options, remove_leftovers=True)
@@ -180,6 +192,10 @@ def run_stage(cfg: SegmentConfig, plan: Plan):
     if cfg.prune:
         replacer.prune(plan.drop_uris & set(plan.deleted))
     stats = _execute(cfg, plan, replacer) if plan.shards else ExecutionStats()
+    if plan.rescore:  # relabelled ground truth: metrics from the stored masks, no model
+        from segflow.pipeline.evaluation.rescore import rescore
+
+        rescore(cfg.output, plan.rescore, _scoring_context(cfg, plan), plan.job_fingerprint, cfg.storage_options)
     stats.pruned = len(plan.deleted) if cfg.prune else 0
     return stats
 
@@ -281,6 +297,17 @@ def _provenance(cfg: SegmentConfig, plan: Plan) -> dict:
         "images": redact(cfg.input), "labels": redact(cfg.evaluation.labels) if cfg.evaluation else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _scoring_context(cfg: SegmentConfig, plan: Plan):
+    """What scoring a stored mask against its label needs (refine.RefineContext, no refiner)."""
+    from segflow.models.labels import LabelSet
+    from segflow.pipeline.refine import RefineContext
+
+    labels = LabelSet.from_dict(plan.labels)
+    pairing = _pairing(cfg, labels)
+    return RefineContext(refiner=None, num_classes=labels.num_classes, flat_palette=tuple(labels.flat_palette()), fingerprints={},
+                         evaluation=pairing, ignore_index=pairing.ignore_index, storage_options=cfg.storage_options)
 
 
 def _pairing(cfg: SegmentConfig, labels):

@@ -48,6 +48,8 @@ ERRORS_SCHEMA = pa.schema(
         # the row counts as done; False: something else did (the model, the CRF, a lost worker),
         # and a plain rerun tries the image again. Null in files written before the column existed.
         pa.field("image_fault", pa.bool_()),
+        # stage `label` rows of an evaluation: the content key of the label refused (null: none paired)
+        pa.field("label_key", pa.string()),
     ]
 )
 

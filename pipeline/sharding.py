@@ -35,6 +35,7 @@ class Shard:
     uris: tuple[str, ...]
     keys: tuple[str, ...]
     label_uris: tuple[str | None, ...]
+    label_keys: tuple[str | None, ...] = ()  # evaluate: each label's content key (metrics rows carry it); not in the id
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -49,6 +50,7 @@ def plan_shards(work: pa.Table, shard_size: int, job_fingerprint: str) -> list[S
     uris = work.column("uri").to_pylist()
     keys = [k if k is not None else "" for k in work.column("key").to_pylist()]
     labels = work.column("label_uri").to_pylist() if "label_uri" in work.column_names else [None] * len(uris)
+    label_keys = work.column("label_key").to_pylist() if "label_key" in work.column_names else [None] * len(uris)
     shards, start = [], 0
     for size in shard_sizes(len(uris), shard_size):
         members = slice(start, start + size)
@@ -59,6 +61,7 @@ def plan_shards(work: pa.Table, shard_size: int, job_fingerprint: str) -> list[S
                 uris=tuple(uris[members]),
                 keys=tuple(keys[members]),
                 label_uris=tuple(labels[members]),
+                label_keys=tuple(label_keys[members]),
             )
         )
     return shards

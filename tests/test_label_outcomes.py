@@ -55,3 +55,38 @@ def test_missing_and_wrong_size_labels_keep_the_mask_and_are_counted(ray_local, 
     assert verify_output(cfg.output, cfg.input) == []  # a mask with its `label` row is one result
     again = job.plan_stage(cfg, job.list_stage(cfg))
     assert again.to_process == 0  # and counts as done
+
+
+def test_relabelled_ground_truth_is_rescored_from_the_stored_masks_without_the_model(ray_local, random_fcn, tmp_path):
+    from segflow.pipeline.history import history_dataset
+
+    images = write_scenes(tmp_path / "in", 3)
+    labels = tmp_path / "labels"
+    _label(labels / "img_00.png", (48, 64))
+    _label(labels / "img_01.png", (48, 64))  # img_02 has none yet
+    cfg = SegmentConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=random_fcn, shard_size=4,
+                        progress=False, evaluation=LabelPairing(labels=str(labels)))
+    job.run_segment(cfg)
+    before = {r["uri"]: r for r in read_metrics(cfg.output).to_pylist()}
+    masks = read_masks(cfg.output, columns=["uri", "mask", "job_fingerprint"]).to_pylist()
+    assert set(before) == {str(images[0]), str(images[1])} and all(r["label_key"] for r in before.values())
+
+    Image.fromarray(np.zeros((48, 64), np.uint8), mode="L").save(labels / "img_01.png")  # relabelled: all class 0
+    _label(labels / "img_02.png", (48, 64))  # and a label for the unpaired one
+    plan = job.plan_stage(cfg, job.list_stage(cfg))
+    assert plan.shards == [] and sum(len(r.uris) for r in plan.rescore) == 2
+    assert "2 to rescore from their stored masks" in plan.describe()
+    summary = job.summarise_stage(cfg, plan, job.run_stage(cfg, plan))
+    assert summary.masks == 0  # no model ran
+
+    after = {r["uri"]: r for r in read_metrics(cfg.output).to_pylist()}
+    assert set(after) == {str(p) for p in images}
+    assert after[str(images[0])] == before[str(images[0])]
+    assert after[str(images[1])]["label_key"] != before[str(images[1])]["label_key"]
+    assert after[str(images[1])]["raw_confusion"] != before[str(images[1])]["raw_confusion"]
+    assert len(read_errors(cfg.output)) == 0  # img_02's "no label" row is replaced by its score
+    assert read_masks(cfg.output, columns=["uri", "mask", "job_fingerprint"]).to_pylist() == masks  # masks untouched
+    assert history_dataset(cfg.output, "metrics").to_table(columns=["uri"]).column("uri").to_pylist() == [str(images[1])]
+    assert history_dataset(cfg.output, "errors").to_table(columns=["uri"]).column("uri").to_pylist() == [str(images[2])]
+    assert verify_output(cfg.output, cfg.input) == []
+    assert job.plan_stage(cfg, job.list_stage(cfg)).describe() == "nothing to do: all 3 images are up to date"
