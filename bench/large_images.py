@@ -37,8 +37,8 @@ def make_image(megapixels: float, folder: Path) -> Path:
     """A 4:3 JPEG of about `megapixels`, upscaled from a street sample."""
     from PIL import Image
 
-    width = int(round((megapixels * 1e6 * 4 / 3) ** 0.5))
-    height = int(round(width * 3 / 4))
+    width = int(round((megapixels * 1e6 * 4 / 3) ** 0.5)) // 32 * 32  # 0.2 Mpx: 512x384, at the fallback working size
+    height = width * 3 // 4
     path = folder / f"street_{megapixels:g}mpx.jpg"
     if not path.exists():
         Image.open(SAMPLE).convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(path, quality=90)

@@ -37,7 +37,7 @@ class ModelRef:
     seed: int = 0
     tta: str = "none"  # test-time augmentation (segflow.models.tta): none | flip | flip-scales
     # Long side (px) the network and the refinement run at; masks come back at the image's size.
-    # None: the checkpoint's training scale, else 1024 (segflow.models.working_size); "full": every pixel.
+    # None: the checkpoint's training scale, else 512 (segflow.models.working_size); "full": every pixel.
     working_size: int | str | None = None
     tiles: tuple[int, int] | None = None  # (size, stride): sliding-window inference (segflow.models.sliding)
 

@@ -32,7 +32,7 @@ def decode_reduced(data: bytes, uri: str, max_pixels: int, long_side: int) -> tu
 
     -> (upright pixels, (height, width) of the whole image after EXIF orientation). JPEG's
     DCT scaling (Pillow's `draft`) decodes 1/2, 1/4 or 1/8 of each side directly, so a
-    45-megapixel photo meant for a 1024-pixel working size never exists in memory at full
+    45-megapixel photo meant for a 512-pixel working size never exists in memory at full
     size. The pixel limit applies to the true size. Other formats, and images whose long
     side is at most `long_side`, decode whole, exactly as `decode_image` does.
     """

@@ -246,3 +246,40 @@ def test_flags_reach_the_model_ref():
         ModelRef(working_size=8)
     with pytest.raises(ConfigError, match="--tiles"):
         ModelRef(tiles=(256, 300))
+
+
+# --- quality on CamVid ------------------------------------------------------------------------
+
+CAMVID = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+needs_camvid = pytest.mark.skipif(not (CAMVID / "val").is_dir(), reason=f"CamVid is not at {CAMVID}")
+
+
+def _quality_bench():
+    """bench/large_quality.py, whose in-process segmentation (the model actor's code) the tests share."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("large_quality", Path(__file__).resolve().parents[1] / "bench" / "large_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_camvid
+def test_camvid_val_masks_are_unchanged_by_the_default_working_size():
+    bench = _quality_bench()
+    paths = sorted((CAMVID / "val").glob("*.png"))[::25]  # 5 images across the sequences
+    default, full = bench.segment(paths, None), bench.segment(paths, "full")
+    for (final, raw), (final_full, raw_full) in zip(default, full):
+        assert final.shape == (360, 480)
+        assert np.array_equal(final, final_full) and np.array_equal(raw, raw_full)
+
+
+@needs_camvid
+def test_upscaled_camvid_at_the_default_working_size_scores_within_a_point_of_the_original():
+    """Val images upscaled 4x (1920x1440): masks at 1920x1440 score as the 480x360 run does."""
+    bench = _quality_bench()
+    paths = sorted((CAMVID / "val").glob("*.png"))[:4]
+    original, upscaled = bench.compare(paths, 4, [None])
+    assert abs(upscaled["final"] - original["final"]) <= 1.0, (original, upscaled)
+    assert abs(upscaled["raw"] - original["raw"]) <= 1.0, (original, upscaled)

@@ -29,7 +29,7 @@ def add_engine_args(p) -> None:
     m.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation, averaged in logit space before the CRF: flip (2 passes) or flip-scales (0.75/1/1.25, 6 passes) (default none)")
     m.add_argument("--working-size", type=working_size_arg, default=None, metavar="PX|full",
                    help="long side (px) the network and the CRF run at; larger images are resized, their masks come back at the image's size "
-                        "(default: the checkpoint's training scale, else 1024; full: every pixel)")
+                        "(default: the checkpoint's training scale, else 512; full: every pixel)")
     m.add_argument("--tiles", type=tiles_arg, default=None, metavar="SIZE,STRIDE",
                    help="sliding-window inference over SIZE px tiles STRIDE px apart, logits averaged where they overlap; memory bounded by the tile; "
                         "implies --working-size full unless given (default none: the whole image at once)")
