@@ -94,6 +94,38 @@ def test_above_below_is_asymmetric_and_surrounding_symmetric():
     assert torch.allclose(s_ij, s_ji) and torch.equal(s_ij, s_ij.T)
 
 
+def test_context_mean_field_equals_its_definition_on_a_tiny_grid():
+    """Each update: Q = softmax(logits); logits = U + per-relation mean over neighbours of theta Q_partner."""
+    from segflow.models.heads.base import HeadInputs
+    from segflow.models.heads.context import ContextConfig
+
+    torch.manual_seed(0)
+    k, h, w = 3, 4, 5
+    head = ContextCRFHead(k, {"s8": 4, "s16": 4, "s32": 4}, 8, ContextConfig(range_box=2, iterations=2, embed=5, hidden=6)).eval()
+    inputs = HeadInputs(torch.zeros(1, 3, 32, 40), {s: torch.randn(1, 4, h, w) for s in ("s8", "s16", "s32")}, torch.randn(1, k, h, w), 8, (0, 0, 0), (1, 1, 1))
+    with torch.no_grad():
+        got = head(inputs)[0]
+        e = head.node_features(inputs)[0]
+        edges = [(net, (y, x), (y + dy, x + dx))
+                 for net, offsets in ((head.surrounding, head.surrounding_offsets), (head.above_below, head.above_below_offsets))
+                 for y in range(h) for x in range(w) for dy, dx in offsets if 0 <= y + dy < h and 0 <= x + dx < w]
+        degree = {}
+        for net, i, j in edges:
+            for node in (i, j):
+                degree[net, node] = degree.get((net, node), 0) + 1
+        unary = inputs.logits[0]
+        logits = unary
+        for _ in range(2):
+            q = logits.softmax(0)
+            messages = torch.zeros_like(unary)
+            for net, i, j in edges:
+                table = net(e[:, i[0], i[1]], e[:, j[0], j[1]])  # rows: node i's label
+                messages[:, i[0], i[1]] += table @ q[:, j[0], j[1]] / degree[net, i]
+                messages[:, j[0], j[1]] += table.T @ q[:, i[0], i[1]] / degree[net, j]
+            logits = unary + messages
+    assert torch.allclose(got, logits, atol=1e-5)
+
+
 def test_dpn_triple_penalty_equals_its_definition():
     probs = torch.tensor([[[0.9, 0.2, 0.5, 0.1], [0.3, 0.8, 0.6, 0.4], [0.7, 0.1, 0.2, 0.9]]])
     probs = torch.stack([probs[0], 1 - probs[0]])[None]  # (1, 2, 3, 4), two classes

@@ -95,48 +95,52 @@ class ContextCRFHead(Head):
         return self.embed(torch.cat(maps, dim=1))
 
     def pair_tables(self, e: torch.Tensor) -> list[tuple[str, list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
-        """Per relation: (name, offsets, theta (O, N, h, w, K, K), valid (O, 1, h, w)).
+        """Per relation: (name, offsets, theta (N, h, w, O, K, K), valid (O, 1, h, w)).
 
-        theta[o] at node i is the table of the pair (i, i + offsets[o]), its rows node i's
-        label; `valid` says whether i + offset is on the grid (where it is not, theta is
-        meaningless and every user masks it). All of a relation's pairs go through its
-        network as one batch (one matrix product per layer), not one offset at a time.
+        theta[..., o, :, :] at node i is the table of the pair (i, i + offsets[o]), its rows
+        node i's label; `valid` says whether i + offset is on the grid (where it is not,
+        theta is meaningless and every user masks it). All of a relation's pairs go through
+        its network as one batch (one matrix product per layer), not one offset at a time.
         """
-        node = e.permute(0, 2, 3, 1)  # (N, h, w, embed)
+        node = e.permute(0, 2, 3, 1)[:, :, :, None, :]  # (N, h, w, 1, embed)
         tables = []
         for relation, net, offsets in (("surrounding", self.surrounding, self.surrounding_offsets), ("above_below", self.above_below, self.above_below_offsets)):
             valid = torch.stack([shift(torch.ones_like(e[:1, :1]), dy, dx)[0] for dy, dx in offsets])  # (O, 1, h, w)
-            partner = torch.stack([shift(e, dy, dx) for dy, dx in offsets]).permute(0, 1, 3, 4, 2)  # (O, N, h, w, embed)
+            partner = torch.stack([shift(e, dy, dx) for dy, dx in offsets], dim=1).permute(0, 3, 4, 1, 2)  # (N, h, w, O, embed)
             tables.append((relation, offsets, net(node.expand_as(partner), partner), valid))
         return tables
 
     def forward(self, inputs: HeadInputs) -> torch.Tensor:
-        """Mean-field on the node grid -> (N, K, h, w) logits at the decoder's stride."""
+        """Mean-field on the node grid -> (N, K, h, w) logits at the decoder's stride.
+
+        Off-grid partners need no mask: their Q is shifted in as zero, and what a node
+        sends to them is shifted out of the grid.
+        """
         unary = inputs.logits
-        n, k, h, w = unary.shape
         relations = []
-        for _, offsets, theta, valid in self.pair_tables(self.node_features(inputs)):
+        for relation, offsets, theta, valid in self.pair_tables(self.node_features(inputs)):
             # Neighbours of each node in this relation: as a pair's first node, and as its partner.
             count = (valid.sum(0) + sum(shift(v, -dy, -dx) for v, (dy, dx) in zip(valid, offsets))).clamp(min=1)
-            # Two layouts, made once, so each update is two batched matrix-vector products per
-            # node: rows u against (offset, v) for the node's own message, and (offset, v)
-            # against u for the messages it sends. Off-grid partners need no mask: their Q is
-            # shifted in as zero, and what is sent to them is shifted out of the grid.
-            rows = theta.permute(1, 2, 3, 4, 0, 5).reshape(n * h * w, k, len(offsets) * k)
-            cols = theta.permute(1, 2, 3, 0, 5, 4).reshape(n * h * w, len(offsets) * k, k)
+            # Two layouts, made once and used by every update, so that both products below
+            # reduce over contiguous trailing dimensions: (u, [o, v]) for a node's own message
+            # and ([o, v], u) for what it sends, which is theta itself when theta is symmetric.
+            rows = theta.permute(0, 1, 2, 4, 3, 5).flatten(-2).contiguous()  # (N, h, w, K_u, O*K_v)
+            cols = theta if relation == "surrounding" else theta.transpose(-1, -2).contiguous()  # (N, h, w, O, K_v, K_u)
             relations.append((offsets, rows, cols, count))
         logits = unary
         for _ in range(self.config.iterations):
             q = logits.softmax(dim=1)
-            q_node = q.permute(0, 2, 3, 1).reshape(n * h * w, k, 1)
+            q_node = q.permute(0, 2, 3, 1)[:, :, :, None, None, :]  # (N, h, w, 1, 1, K_u)
             messages = torch.zeros_like(unary)
             for offsets, rows, cols, count in relations:
-                q_partner = torch.stack([shift(q, dy, dx) for dy, dx in offsets], dim=1)  # (N, O, K, h, w)
-                q_partner = q_partner.permute(0, 3, 4, 1, 2).reshape(n * h * w, len(offsets) * k, 1)
-                to_node = torch.bmm(rows, q_partner).view(n, h, w, k).permute(0, 3, 1, 2)  # sum_v theta(u, v) Q_partner(v)
-                sent = torch.bmm(cols, q_node).view(n, h, w, len(offsets), k).permute(3, 0, 4, 1, 2)  # sum_u theta(u, v) Q_node(u)
-                to_partner = sum(shift(m, -dy, -dx) for m, (dy, dx) in zip(sent, offsets))  # delivered at node + offset
-                messages = messages + (to_node + to_partner) / count
+                q_partner = torch.stack([shift(q, dy, dx) for dy, dx in offsets], dim=3).permute(0, 2, 4, 3, 1).flatten(-2)  # (N, h, w, O*K_v)
+                # Multiply-and-sum: a batched matrix product (einsum, bmm) runs the ~2,700 tiny
+                # per-node products one by one on a CPU, several times slower.
+                to_node = (rows * q_partner[:, :, :, None, :]).sum(-1).permute(0, 3, 1, 2)  # sum_o,v theta_o(u, v) Q_{i+o}(v)
+                sent = (cols * q_node).sum(-1).permute(3, 0, 4, 1, 2)  # (O, N, K_v, h, w): sum_u theta_o(u, v) Q_i(u)
+                for m, (dy, dx) in zip(sent, offsets):
+                    add_shifted(to_node, m, -dy, -dx)  # what node i sends, delivered at i + offset
+                messages = messages + to_node / count
             logits = unary + messages
         return logits
 
@@ -154,11 +158,11 @@ class ContextCRFHead(Head):
         labels = labels.where(known, torch.zeros_like(labels))
         losses = {}
         for relation, offsets, theta, valid in self.pair_tables(self.node_features(inputs)):
-            partner = torch.stack([shift(labels, dy, dx) for dy, dx in offsets])  # (O, N, h, w)
-            partner_known = torch.stack([shift(known, dy, dx) for dy, dx in offsets])
-            use = known & partner_known & valid.bool()
-            pair = labels * k + partner
-            nll = F.cross_entropy(theta.flatten(-2).reshape(-1, k * k), pair.reshape(-1), reduction="none").view_as(pair)
+            partner = torch.stack([shift(labels, dy, dx) for dy, dx in offsets], dim=-1)  # (N, h, w, O)
+            partner_known = torch.stack([shift(known, dy, dx) for dy, dx in offsets], dim=-1)
+            use = known[..., None] & partner_known & valid[:, 0].permute(1, 2, 0).bool()
+            pair = labels[..., None] * k + partner
+            nll = F.cross_entropy(theta.reshape(-1, k * k), pair.reshape(-1), reduction="none").view_as(pair)
             losses[relation] = (nll * use).sum() / use.sum().clamp(min=1)
         return losses
 
@@ -201,8 +205,27 @@ class OrderedPairwise(nn.Module):
 
 def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """out[..., y, x] = t[..., y + dy, x + dx], zero where that falls off the grid."""
+    out = t.new_zeros(t.shape)
     h, w = t.shape[-2:]
-    padded = F.pad(t, (max(-dx, 0), max(dx, 0), max(-dy, 0), max(dy, 0)))
-    top, left = max(dy, 0), max(dx, 0)
-    out = padded[..., top : top + h, left : left + w]
+    if abs(dy) < h and abs(dx) < w:
+        out[..., _dst(dy, h), _dst(dx, w)] = t[..., _src(dy, h), _src(dx, w)]
     return out
+
+
+def add_shifted(acc: torch.Tensor, t: torch.Tensor, dy: int, dx: int) -> None:
+    """acc[..., y, x] += t[..., y + dy, x + dx] where (y + dy, x + dx) is on the grid, in place.
+
+    Slicing, not F.pad: padding allocates and fills a new tensor per offset, which was
+    most of the head's time with ~80 offsets per relation.
+    """
+    h, w = t.shape[-2:]
+    if abs(dy) < h and abs(dx) < w:
+        acc[..., _dst(dy, h), _dst(dx, w)] += t[..., _src(dy, h), _src(dx, w)]
+
+
+def _dst(d: int, size: int) -> slice:
+    return slice(max(-d, 0), size - max(d, 0))
+
+
+def _src(d: int, size: int) -> slice:
+    return slice(max(d, 0), size - max(-d, 0))
