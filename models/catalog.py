@@ -57,10 +57,17 @@ def describe_model(
     seed: int = 0,
     storage_options: dict | None = None,
 ) -> ModelInfo:
-    """Fingerprint, label set and metadata of what `load_model` would load, without building it."""
+    """Fingerprint, label set and metadata of what `load_model` would load, without building it.
+
+    A checkpoint says what it is (architecture, classes): `model` or `num_classes` given
+    beside it must agree, or the call fails with one line (they were silently ignored).
+    """
+    explicit = checkpoint
     checkpoint = _resolve_bundled(model, checkpoint, weights)
     if checkpoint is not None:
         meta, sha = read_checkpoint_meta(checkpoint, storage_options)
+        if explicit is not None:
+            _refuse_contradictions(explicit, meta, model, num_classes)
         if "base" in meta:  # a head-only checkpoint: refuse a wrong base now, in the driver
             base_url = base_location(meta, checkpoint)
             check_base(checkpoint, meta, base_url, read_checkpoint_meta(base_url, storage_options)[1])
@@ -74,6 +81,40 @@ def describe_model(
     labels = VOC if num_classes in (None, VOC.num_classes) else _numbered_labels(num_classes)
     fingerprint = _digest({"architecture": architecture, "classes": labels.num_classes, "seed": seed})
     return ModelInfo(fingerprint, labels, architecture, {"weights": f"random(seed={seed})"})
+
+
+def _refuse_contradictions(checkpoint: str, meta: dict, model: str | None, num_classes: int | None) -> None:
+    """--model / --num-classes beside --checkpoint: allowed only when they say what the checkpoint says."""
+    classes = len(meta["labels"]["classes"]) if isinstance(meta.get("labels"), dict) and "classes" in meta["labels"] else None
+    if num_classes is not None and classes is not None and num_classes != classes:
+        raise ModelUnavailableError(f"--num-classes {num_classes} contradicts --checkpoint {_redact(checkpoint)}, which has "
+                                    f"{classes} classes; drop --num-classes (a checkpoint brings its own label set)")
+    if model is None:
+        return
+    try:
+        named = architecture_for(model)
+    except ModelUnavailableError:
+        named = None
+    if model == BUNDLED or named != {k: v for k, v in meta.get("architecture", {}).items() if k in (named or {})}:
+        raise ModelUnavailableError(f"--model {model} contradicts --checkpoint {_redact(checkpoint)}, a "
+                                    f"{_describe_architecture(meta.get('architecture'))} checkpoint; drop --model "
+                                    "(a checkpoint brings its own architecture)")
+
+
+def _describe_architecture(architecture) -> str:
+    if not isinstance(architecture, dict):
+        return "differently built"
+    if "variant" in architecture and "backbone" in architecture:
+        return "_".join(str(architecture[k]) for k in ("variant", "backbone", "head") if architecture.get(k))
+    return str(architecture.get("name") or architecture)
+
+
+def _redact(url: str) -> str:
+    """segflow.pipeline.storage.redact for the few URLs this module names (models/ does not import pipeline/)."""
+    import re
+
+    url = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@]+@", r"\1***@", url)
+    return re.sub(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token)=)[^&\s]*", r"\1***", url)
 
 
 def available_models() -> list[str]:
@@ -136,10 +177,40 @@ def fetch_weights(model: str | None, weights: str | None) -> None:
     import torch
 
     chosen = _torchvision_weights(model, weights)
+    _check_cached_hash(model, chosen.url)  # a file already cached was never checked: check it now
     try:
-        torch.hub.load_state_dict_from_url(chosen.url, progress=False, check_hash=False, map_location="cpu", weights_only=True)
+        # check_hash: a download is verified against the sha256 prefix in its published file name
+        torch.hub.load_state_dict_from_url(chosen.url, progress=False, check_hash=True, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise _weights_unavailable(model, chosen, exc) from None
+
+
+def _check_cached_hash(model: str, url: str) -> None:
+    """Refuse a cached weights file whose sha256 does not start with the prefix in its name.
+
+    torch.hub checks the hash only while downloading (and only when asked); a file cached
+    earlier unchecked, truncated, or replaced would otherwise load as if it were the
+    published weights.
+    """
+    import os
+    from urllib.parse import urlparse
+
+    from torch.hub import HASH_REGEX, get_dir
+
+    name = os.path.basename(urlparse(url).path)
+    match = HASH_REGEX.search(name)
+    cached = os.path.join(get_dir(), "checkpoints", name)
+    if match is None or not os.path.exists(cached):
+        return
+    digest = hashlib.sha256()
+    with open(cached, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ModelUnavailableError(
+            f"{cached}: the cached {model} weights do not match the sha256 prefix {match.group(1)} of their published name "
+            "(a partial or altered file); delete it and run again to download them afresh"
+        )
 
 
 def _weights_unavailable(model: str, chosen, exc: Exception) -> ModelUnavailableError:

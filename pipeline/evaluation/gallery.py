@@ -12,7 +12,6 @@ import base64
 import io
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +22,7 @@ from segflow.models.labels import LabelSet
 from segflow.pipeline.config import LabelPairing
 from segflow.errors import SegflowError
 from segflow.pipeline.evaluation.groundtruth import decode_label
+from segflow.pipeline.storage import filesystem_for, read_bytes
 
 OVERLAY_ALPHA = 0.55  # mask colour weight: enough to read the class, enough photo to see the edge
 VOID_DIM = 0.35  # void pixels show the photo darkened, so "not scored" reads as absence of colour
@@ -48,7 +48,7 @@ class GalleryRow:
 
 def read_mask_rows(output_url: str, uris: set[str], storage_options: dict | None = None) -> dict[str, dict]:
     """-> {uri: {"mask": PNG bytes, "raw_mask": PNG bytes or None}} for the wanted uris found in OUTPUT/masks/."""
-    fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
+    fs, root = filesystem_for(output_url, storage_options)
     path = f"{root.rstrip('/')}/masks"
     found: dict[str, dict] = {}
     if not uris or not fs.isdir(path):
@@ -108,10 +108,9 @@ def build_gallery(
 
 
 def read_rgb(uri: str, options: dict) -> tuple[np.ndarray | None, str | None]:
-    try:
-        with fsspec.open(uri, "rb", **options) as f:
-            return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB")), None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    try:  # storage.read_bytes: retried, and its errors redact the URL
+        return np.asarray(Image.open(io.BytesIO(read_bytes(uri, options))).convert("RGB")), None
+    except (OSError, ValueError, Image.DecompressionBombError, SegflowError) as exc:
         return None, f"image unreadable: {exc}"
 
 
@@ -119,8 +118,7 @@ def _read_label(uri: str | None, pairing: LabelPairing, num_classes: int, option
     if not uri:
         return None, "no label uri in metrics"
     try:
-        with fsspec.open(uri, "rb", **options) as f:
-            return decode_label(f.read(), uri, pairing, num_classes), None
+        return decode_label(read_bytes(uri, options), uri, pairing, num_classes), None
     except (OSError, SegflowError) as exc:
         return None, f"label unreadable: {exc}"
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import heapq
 import json
-import uuid
 
-import fsspec
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -25,6 +23,7 @@ from segflow.pipeline.commit import METRICS
 from segflow.errors import InputError
 from segflow.pipeline.evaluation.metrics import MetricTotals, count_columns, metric_schema
 from segflow.pipeline.state import committed_files
+from segflow.pipeline.storage import commit_file, filesystem_for
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
@@ -47,7 +46,7 @@ def summarise_metrics(
     Raises InputError when OUTPUT holds no metrics of committed shards.
     """
     options = storage_options or {}
-    fs, _ = fsspec.core.url_to_fs(output_url, **options)
+    fs, _ = filesystem_for(output_url, options)
     paths = committed_files(output_url, METRICS, options)  # an interrupted commit's metrics are not results
     if not paths:
         raise InputError(f"{output_url.rstrip('/')}/metrics: no metrics of committed shards here; "
@@ -129,19 +128,7 @@ class ImageRanking:
 
 def commit_bytes(url: str, data: bytes, storage_options: dict) -> None:
     """Write `data` to `url` so readers see the old file or the whole new one, never a part."""
-    try:  # the engine's atomic writer, once pipeline/storage.py lands
-        from segflow.pipeline.storage import commit_file
-    except ImportError:
-        commit_file = None
-    if commit_file is not None:
-        commit_file(url, data, storage_options=storage_options)
-        return
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    staging = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # beside the target: the rename stays in one directory
-    fs.pipe_file(staging, data)
-    fs.mv(staging, path)
+    commit_file(url, data, storage_options=storage_options)
 
 
 def _read_schema(columns: list[str]) -> pa.Schema:
