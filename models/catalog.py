@@ -110,11 +110,9 @@ def _describe_architecture(architecture) -> str:
 
 
 def _redact(url: str) -> str:
-    """segflow.pipeline.storage.redact for the few URLs this module names (models/ does not import pipeline/)."""
-    import re
+    from segflow.storage import redact
 
-    url = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@]+@", r"\1***@", url)
-    return re.sub(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token)=)[^&\s]*", r"\1***", url)
+    return redact(url)
 
 
 def available_models() -> list[str]:
@@ -161,8 +159,8 @@ def check_base(head_url: str, meta: dict, base_url: str, base_sha: str) -> None:
     expected = meta["base"]["sha256"]
     if base_sha != expected:
         raise CheckpointError(
-            f"{head_url}: this head was trained on base checkpoint sha256 {expected[:16]}, but {base_url} is "
-            f"{base_sha[:16]}; give the base it was trained on, or retrain the head on this one (segflow train --head ... --base {base_url})"
+            f"{_redact(head_url)}: this head was trained on base checkpoint sha256 {expected[:16]}, but {_redact(base_url)} is "
+            f"{base_sha[:16]}; give the base it was trained on, or retrain the head on this one (segflow train --head ... --base {_redact(base_url)})"
         )
 
 

@@ -11,8 +11,9 @@ string metadata (key "segflow") a JSON document that says everything needed to u
      "metrics": {...}, "crf": {...}}
 
 Torch pickles (.pt/.pth) are accepted too, but only through `torch.load(weights_only=True)`,
-which refuses anything that would run code on load. Files are read through fsspec, so a
-checkpoint may live at any URL (local path, s3://, ...). Reading a safetensors file's
+which refuses anything that would run code on load. Files are read and written through
+segflow's storage layer (`segflow.storage`: retried, atomic, URLs redacted in every
+message), so a checkpoint may live at any URL (local path, s3://, ...). Reading a safetensors file's
 metadata (`read_checkpoint_meta`) needs no torch, so the driver can plan without it.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import struct
 from typing import TYPE_CHECKING
@@ -49,14 +51,14 @@ def save_checkpoint(
     halve the file; loading casts them back to the network's dtype. Returns the sha256 of
     the bytes written, which is the checkpoint's identity.
     """
-    import fsspec
     from safetensors.torch import save as save_safetensors
+
+    from segflow.storage import commit_file
 
     meta = {"format": FORMAT_VERSION, **meta}
     tensors = {k: _stored(v, float_dtype) for k, v in state_dict.items()}
     data = save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    with fsspec.open(path, "wb", **(storage_options or {})) as f:
-        f.write(data)
+    commit_file(os.fspath(path), data, storage_options=storage_options)  # complete or absent, never half a checkpoint
     return hashlib.sha256(data).hexdigest()
 
 
@@ -88,13 +90,22 @@ def read_checkpoint_meta(url: str, storage_options: dict | None = None) -> tuple
 
 
 def _read_bytes(url: str, storage_options: dict | None) -> bytes:
-    import fsspec
+    """The checkpoint's bytes, retried on transient storage errors; errors name the (redacted) URL and the fix."""
+    from segflow.errors import ConfigError
+    from segflow.storage import filesystem_for, redact, with_retries
 
+    url = os.fspath(url)  # a pathlib.Path too
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return f.read()
+        fs, path = filesystem_for(url, storage_options)
+        return with_retries(fs.cat_file, path, what=url)
     except FileNotFoundError:
-        raise CheckpointError(f"{url}: checkpoint not found; check the path or URL") from None
+        raise CheckpointError(f"{redact(url)}: checkpoint not found; check the path or URL") from None
+    except PermissionError:
+        raise CheckpointError(f"{redact(url)}: permission denied; check the credentials for this location") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{redact(url)}: not a file; --checkpoint names one .safetensors (or .pt) file") from None
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
@@ -110,7 +121,7 @@ def _safetensors_meta(url: str, data: bytes) -> dict:
     raw = header.get("__metadata__", {}).get(METADATA_KEY)
     if raw is None:
         raise CheckpointError(
-            f"{url}: safetensors file without segflow metadata; it does not say its architecture "
+            f"{_redact(url)}: safetensors file without segflow metadata; it does not say its architecture "
             "or classes. Save it with segflow.models.checkpoint.save_checkpoint"
         )
     return json.loads(raw)
@@ -124,10 +135,16 @@ def _read_torch_pickle(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], 
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{url}: refused: not a safetensors file, and not a torch file that loads with "
+            f"{_redact(url)}: refused: not a safetensors file, and not a torch file that loads with "
             f"weights_only=True (it may hold pickled code: {first_line}). "
             "Re-save the weights as safetensors with segflow metadata"
         ) from None
     if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
-        raise CheckpointError(f"{url}: a torch file must hold {{'state_dict': ..., 'meta': ...}}; re-save it with save_checkpoint")
+        raise CheckpointError(f"{_redact(url)}: a torch file must hold {{'state_dict': ..., 'meta': ...}}; re-save it with save_checkpoint")
     return obj["state_dict"], obj["meta"]
+
+
+def _redact(url: str) -> str:
+    from segflow.storage import redact
+
+    return redact(url)

@@ -59,3 +59,19 @@ def test_gallery_reads_images_and_labels_through_the_storage_layer(tmp_path):
     assert rgb is None and "not found" in reason and "s3cr3t" not in reason
     label, reason = _read_label(missing, LabelPairing(labels=str(tmp_path), ignore_index=255), 11, {})
     assert label is None and "s3cr3t" not in reason
+
+
+def test_checkpoints_are_read_and_written_through_the_storage_layer(tmp_path):
+    """Saving is atomic (no partial file under the name), reading names the URL redacted, and models/ needs no engine for it."""
+    import torch
+
+    from segflow.models.checkpoint import CheckpointError, read_checkpoint_meta, save_checkpoint
+    from segflow.storage import is_transient  # noqa: F401 - the layer models/ reads through
+
+    target = tmp_path / "m.safetensors"
+    sha = save_checkpoint(str(target), {"w": torch.zeros(2)}, {"architecture": {}, "labels": {}})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # staged beside it, renamed, nothing left
+    assert read_checkpoint_meta(str(target))[1] == sha
+    with pytest.raises(CheckpointError, match=r"\?token=\*\*\*: checkpoint not found") as err:
+        read_checkpoint_meta(f"{tmp_path}/missing.safetensors?token=s3cr3t")
+    assert "s3cr3t" not in str(err.value)
