@@ -19,7 +19,9 @@ backend, ConvCRF's truncation to an 11x11-cell window (44 px at full resolution)
 engine upsamples the stride-4 result bilinearly. `stride=1, backend="lattice"` is the
 paper's model, for a GPU, and then `lowres_logits` returns full-resolution logits, for
 which the engine's upsampling is the identity. The default kernel settings are the
-bundled model's tuned dense-CRF parameters.
+bundled model's tuned dense-CRF parameters. Cost per 480x360 image with the defaults,
+on this project's shared 2-core CPU: ~0.3 CPU-seconds for the head; a joint training step
+(batch 8 at 176x224) ~3-5 CPU-seconds.
 """
 
 from __future__ import annotations
