@@ -30,3 +30,16 @@ def test_models_table_names_each_refinement_kind_with_one_line(capsys):
         line = next(line for line in out.splitlines() if line.split() and line.split()[0] == name and kind.summary in line)
         assert kind.runs_on in line
     assert "CamVid val mIoU" in out
+
+
+def test_a_head_model_says_whether_its_checkpoint_exists(capsys, tmp_path, monkeypatch):
+    name = catalog.HEAD_MODELS[0]
+
+    def listed() -> str:
+        assert main(["models", "--json"]) == 0
+        return next(m for m in json.loads(capsys.readouterr().out)["models"] if m["name"] == name)["summary"]
+
+    monkeypatch.setattr(catalog, "head_checkpoint_path", lambda n: tmp_path / f"camvid_{n}.safetensors")
+    assert "no checkpoint yet" in listed()
+    (tmp_path / f"camvid_{name}.safetensors").write_bytes(b"")
+    assert "no checkpoint yet" not in listed()

@@ -39,7 +39,7 @@ def registry_entries() -> dict:
         models.append({"name": name, "summary": "segflow's FCN, untrained: `segflow train`, or --weights none for seeded random weights"})
     for name in catalog.HEAD_MODELS:
         head = name.rsplit("_", 1)[1]
-        present = catalog.head_checkpoint_path(head).exists() if hasattr(catalog, "head_checkpoint_path") else False
+        present = catalog.head_checkpoint_path(name).exists()
         models.append({"name": name, "summary": f"the bundled FCN-8s with the {head} head" + ("" if present else " (no checkpoint yet: `segflow train --head " + head + "`)")})
     for name in catalog.TORCHVISION_MODELS:
         models.append({"name": name, "summary": "torchvision's model (VOC classes); --weights DEFAULT downloads its weights"})
