@@ -14,7 +14,8 @@ while they list staging files, rewrite shards and commit. Two kinds, chosen by t
   which the store lets exactly one writer create. It is valid for `LEASE_SECONDS`, renewed
   by a background thread every third of that, and deleted on release. A holder killed
   without releasing blocks the OUTPUT until the lease expires; then the next writer deletes
-  it and creates its own. Guarantee: on a store with conditional PUTs (AWS S3 since 2024,
+  it and creates its own (at once when the holder ran on this machine and its process is
+  gone, SIGKILL included). Guarantee: on a store with conditional PUTs (AWS S3 since 2024,
   MinIO, moto, fsspec's memory store) two live writers never both hold the lease, across
   machines. Taking over an *expired* lease (delete, then create) is not atomic: two writers
   that both find the same expired lease can both delete, and only one create succeeds,
@@ -151,8 +152,9 @@ def _lease(output: str, fs, timeout_seconds: float | None) -> Iterator[str]:
         current = _read_lease(fs, path, url)
         if current is None:
             continue  # released meanwhile: try again at once
-        if current.get("expires", 0) < time.time():
-            log.warning("%s: taking over the lease of %s, expired at %s", redact(url), current.get("holder"), _when(current.get("expires")))
+        if current.get("expires", 0) < time.time() or _dead_here(current):
+            log.warning("%s: taking over the lease of %s (expired at %s, or its process on this machine is gone)",
+                        redact(url), current.get("holder"), _when(current.get("expires")))
             with contextlib.suppress(FileNotFoundError):
                 with_retries(fs.rm_file, path, what=url)
             continue
@@ -178,7 +180,21 @@ def _lease(output: str, fs, timeout_seconds: float | None) -> Iterator[str]:
 
 
 def _lease_body(token: str, holder: str) -> bytes:
-    return json.dumps({"token": token, "holder": holder, "expires": time.time() + LEASE_SECONDS}).encode()
+    return json.dumps({"token": token, "holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
+                       "expires": time.time() + LEASE_SECONDS}).encode()
+
+
+def _dead_here(lease: dict) -> bool:
+    """Whether the lease's holder ran on this machine and its process is gone (killed): no need to wait for expiry."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def _create_lease(fs, path: str, url: str, token: str, holder: str) -> bool:

@@ -118,3 +118,17 @@ def test_s3_lease_is_created_conditionally_waited_for_and_taken_over_when_expire
     fs.pipe_file(f"{s3_bucket.name}/runs/a/{LEASE_NAME}", json.dumps(stale).encode())
     with output_lock(out, s3_bucket.storage_options, timeout_seconds=5):
         assert json.loads(fs.cat_file(f"{s3_bucket.name}/runs/a/{LEASE_NAME}"))["token"] != "dead"
+
+
+def test_s3_lease_of_a_killed_run_on_this_machine_is_taken_over_at_once(s3_bucket):
+    from tests.s3_fixtures import make_s3fs
+
+    fs = make_s3fs(s3_bucket.storage_options)
+    holder = subprocess.Popen([sys.executable, "-c", "pass"])
+    holder.wait()  # a pid that existed on this machine and is gone
+    import socket
+    lease = {"token": "killed", "holder": "x", "host": socket.gethostname(), "pid": holder.pid, "expires": time.time() + 300}
+    fs.pipe_file(f"{s3_bucket.name}/runs/k/{LEASE_NAME}", json.dumps(lease).encode())
+    started = time.monotonic()
+    with output_lock(f"s3://{s3_bucket.name}/runs/k", s3_bucket.storage_options, timeout_seconds=5):
+        assert time.monotonic() - started < 5
