@@ -31,18 +31,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
-from prefect.tasks import exponential_backoff
 
 from segflow.flows.artifacts import publish_evaluation, publish_plan, publish_run
 from segflow.flows.locking import output_lock
 from segflow.pipeline import job
 from segflow.pipeline.cluster import connect
 from segflow.pipeline.config import SegmentConfig
-from segflow.errors import IncompleteRunError, SegflowError, StorageError
+from segflow.errors import IncompleteRunError
 from segflow.pipeline.storage import redact
 
-STORAGE_RETRIES = 3
-STORAGE_BACKOFF_SECONDS = 10.0  # 10, 20, 40 s (+ jitter): rides out a storage endpoint's brief outage
 
 
 @dataclass
@@ -81,20 +78,10 @@ def run_job(cfg: SegmentConfig, flow: str, wait_for_output_seconds: float | None
     return JobResult(plan, summary, evaluation)
 
 
-def _can_heal(task, task_run, state) -> bool:
-    """Retry storage and unexpected errors; segflow's own verdicts on options and inputs do not change on retry."""
-    exc = state.data
-    return not isinstance(exc, SegflowError) or isinstance(exc, StorageError)
-
-
-_storage_task = task(
-    retries=STORAGE_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=STORAGE_BACKOFF_SECONDS),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_can_heal,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+# No task retries: every storage call inside these tasks is already retried by
+# segflow.storage.with_retries (the one retry layer; a StorageError means it gave up), and
+# segflow's other errors do not change on retry.
+_storage_task = task(cache_policy=NO_CACHE, persist_result=False)
 _plain_task = task(cache_policy=NO_CACHE, persist_result=False)
 
 

@@ -265,6 +265,12 @@ class ShardExecutor:
             # retried by Ray), and error rows would blame images that were never tried.
             raise JobStoppedError(f"{cannot_start}; no image was recorded as failed: fix the cause and rerun "
                                   "(committed shards are kept)") from None
+        outage = _storage_failure(exc)
+        if outage is not None:
+            # The store failed, not the images: error rows would mark them done, and a rerun
+            # after the outage would skip them. Stop; committed shards stay, a rerun resumes.
+            # At once: storage.with_retries already retried the call (the one retry layer).
+            raise StorageError(" ".join(str(outage).split())) from None
         self._probe(o.actor)
         reason = _failure_reason(exc)
         if o.attempt < self.max_attempts:
@@ -272,11 +278,6 @@ class ShardExecutor:
             stats.shard_retries += 1
             waiting.appendleft((o.shard, o.attempt + 1))
             return
-        outage = _storage_failure(exc)
-        if outage is not None:
-            # The store failed, not the images: error rows would mark them done, and a rerun
-            # after the outage would skip them. Stop; committed shards stay, a rerun resumes.
-            raise StorageError(" ".join(str(outage).split())) from None
         log.error("shard %s failed %d times; recording its images as errors", o.shard.shard_id, o.attempt)
         o.masks, o.metrics = [], []
         o.errors = [

@@ -71,7 +71,7 @@ def filesystem_for(url: str, storage_options: dict | None = None) -> tuple[fsspe
             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or storage_options"
         )
     try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **_one_retry_layer(url, storage_options or {}))
     except ImportError as e:
         raise ConfigError(f"{redact(url)}: {redact(str(e))} (pip install s3fs / gcsfs / adlfs as needed)") from None
     except ValueError as e:
@@ -79,6 +79,27 @@ def filesystem_for(url: str, storage_options: dict | None = None) -> tuple[fsspe
             f"{redact(url)}: {redact(str(e))}; use a local path or a URL fsspec knows "
             "(file://, s3://, gs://, az://, memory://)"
         ) from None
+    if fsspec.core.split_protocol(url)[0] in _SINGLE_ATTEMPT:
+        fs.retries = 1  # s3fs's own retry loop (timeouts): a class attribute, not an option
+    return fs, path
+
+
+# One retry layer: `with_retries` retries every storage call segflow makes, so the clients'
+# own retries are turned off underneath it (botocore's legacy mode alone made 5 attempts per
+# call, with up to 8 s waits, and s3fs retries timeouts 5 times). A dead endpoint then costs
+# 5 attempts and about 3 s, not 25 attempts and 40 s (bench/dead_endpoint.py, docs/storage.md).
+# A caller's own `config_kwargs={"retries": ...}` wins.
+_SINGLE_ATTEMPT = {"s3": {"config_kwargs": {"retries": {"total_max_attempts": 1}}}}
+_SINGLE_ATTEMPT["s3a"] = _SINGLE_ATTEMPT["s3"]
+
+
+def _one_retry_layer(url: str, options: dict) -> dict:
+    """`options` plus the defaults that leave retrying to `with_retries` for this URL's store."""
+    defaults = _SINGLE_ATTEMPT.get(fsspec.core.split_protocol(url)[0] or "file")
+    if defaults is None:
+        return options
+    config = {**defaults["config_kwargs"], **(options.get("config_kwargs") or {})}
+    return {**defaults, **options, "config_kwargs": config}
 
 
 def storage_environment() -> dict[str, str]:
@@ -136,8 +157,9 @@ def with_retries(
     with +-50 % jitter so many workers hitting one throttled bucket do not retry in step.
     Anything else propagates at once: retrying a missing file only delays its error row.
 
-    Note that s3fs and botocore retry some of these errors themselves first; this loop sits
-    above them and covers what they give up on (a restarting endpoint, a long throttle).
+    This is the only retry layer: `filesystem_for` turns off s3fs's and botocore's own
+    retries underneath it, and neither the flows' tasks nor the engine's shard attempts
+    retry a StorageError again (a dead endpoint: 5 attempts, about 3 s, then one line).
 
     Raises StorageError naming `what` (redacted) and the last cause after `attempts` tries.
     """
