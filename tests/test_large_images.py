@@ -211,7 +211,7 @@ def test_fingerprints_change_with_a_non_default_working_size_or_tiles_only(rando
     assert _model_fingerprint(trained, base) == "abc123"
     assert _model_fingerprint(trained, replace(base, working_size=480)) == "abc123"
     changed = {
-        _model_fingerprint(info, replace(base, working_size=512)),
+        _model_fingerprint(info, replace(base, working_size=640)),
         _model_fingerprint(info, replace(base, working_size="full")),
         _model_fingerprint(trained, replace(base, working_size=FALLBACK_WORKING_SIZE)),
         _model_fingerprint(info, replace(base, tiles=(512, 384))),
