@@ -26,6 +26,7 @@ COMMANDS = ("segment", "evaluate", "reprocess", "verify", "train", "schedule", "
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segflow", description="Batch semantic segmentation on Ray, orchestrated by Prefect.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error instead of its one line (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:  # every listed command exists: an import error is a bug, never skipped
         importlib.import_module(f"segflow.flows.commands.{name}").add_parser(sub)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(interrupt.MESSAGE, file=sys.stderr)
         return interrupt.EXIT_CODE
     except Exception as exc:  # the CLI boundary: known errors become one line
-        if _is_user_facing(exc):
+        if _is_user_facing(exc) and not args.debug:
             print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
             return exit_code(exc)
         raise

@@ -27,6 +27,10 @@ def preflight(cfg: SegmentConfig) -> threading.Thread | None:
     check_input(cfg.input, cfg.storage_options)
     if cfg.evaluation is not None:
         check_input(cfg.evaluation.labels, cfg.storage_options)
+    check_device(cfg)
+    from segflow.storage import check_writable
+
+    check_writable(cfg.output, cfg.storage_options)  # before any Ray, Prefect or model starts
     first_run = start_ray_for_first_run(cfg)
     try:
         api = start_ephemeral_api()
@@ -39,6 +43,18 @@ def preflight(cfg: SegmentConfig) -> threading.Thread | None:
     if first_run:
         job.start_model_actors_early(cfg)
     return api
+
+
+def check_device(cfg: SegmentConfig) -> None:
+    """--device cuda on a machine (or --ray-address cluster) without GPUs: one line now, not after Ray started."""
+    if cfg.device != "cuda":
+        return
+    from segflow.errors import ConfigError
+    from segflow.pipeline.cluster import cluster_has_gpus
+
+    if not cluster_has_gpus(cfg.ray_address):
+        where = f"the cluster at {cfg.ray_address}" if cfg.ray_address else "this machine (CUDA_VISIBLE_DEVICES, NVIDIA driver)"
+        raise ConfigError(f"--device cuda: {where} has no GPU; use --device auto or --device cpu")
 
 
 def check_model(cfg: SegmentConfig) -> None:

@@ -96,7 +96,9 @@ def check_input(input: str, storage_options: dict | None = None) -> None:
     """Fail fast, before any job machinery starts, when INPUT does not exist or cannot be read."""
     fs, path = _resolve_input(input, storage_options)
     if not any(c in path for c in "*?["):
-        _info(fs, path, input)
+        info = _info(fs, path, input)
+        if info.get("type") == "directory" and not with_retries(fs.ls, path, detail=False, what=input):
+            raise InputError(f"{redact(input)}: an empty folder, no images to process; INPUT must be {ACCEPTED_FORMS}")
 
 
 # --- INPUT forms -----------------------------------------------------------------------

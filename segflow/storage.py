@@ -169,6 +169,11 @@ def with_retries(
         try:
             return fn(*args, **kw)
         except Exception as e:
+            if _is_missing_credentials(e):  # about the store, never retried, never a traceback
+                raise StorageError(
+                    f"{redact(what)}: no credentials for this location ({type(e).__name__}); set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass storage_options"
+                ) from None
             if not is_transient(e):
                 raise
             cause = redact(f"{type(e).__name__}: {e}")
@@ -256,6 +261,37 @@ def commit_file(target: Target, data: bytes, storage_options: dict | None = None
             "and the credentials allow writing (segflow never creates buckets)"
         ) from None
     return uri
+
+
+def check_writable(output: str, storage_options: dict | None = None) -> None:
+    """Fail now, in one line, when OUTPUT cannot be written: before any model or worker starts.
+
+    Local disk: a temporary file in OUTPUT's nearest existing folder (OUTPUT itself is not
+    created; permissions are what the write says, root's included). Object stores: a tiny
+    probe object under OUTPUT, written and deleted (missing credentials, a missing bucket or a
+    read-only policy show here). Raises StorageError.
+    """
+    import tempfile
+
+    fs, path = filesystem_for(output, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        folder = fs._strip_protocol(path)
+        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        try:
+            if not os.path.isdir(folder):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", folder)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise StorageError(f"{redact(output)}: cannot write OUTPUT here ({folder}: {e.strerror or e}); "
+                               "choose another OUTPUT or fix its permissions") from None
+        return
+    probe = f"{output.rstrip('/')}/_segflow-write-check-{uuid.uuid4().hex}"
+    commit_file(probe, b"", storage_options)
+    _, probe_path = filesystem_for(probe, storage_options)
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(fs.rm_file, probe_path, what=probe)
 
 
 def clean_staging(target: Target, storage_options: dict | None = None, *, recursive: bool = False) -> int:
