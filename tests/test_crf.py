@@ -8,8 +8,9 @@ from pydensecrf.utils import unary_from_softmax
 import pytest
 from PIL import Image
 
-from segflow.pipeline.config import CRFParams
-from segflow.pipeline.refine import DenseCRFRefiner, RefineContext, probabilities_from_logits, refine_item
+from segflow.models.crf.dense import CRFParams, DenseCRF
+from segflow.models.probabilities import labels_and_confidence, probabilities_from_logits
+from segflow.pipeline.refine import RefineContext, refine_item
 from segflow.pipeline.masks import decode_mask
 from segflow.models.labels import CAMVID
 
@@ -46,7 +47,7 @@ def test_crf_stage_equals_direct_pydensecrf(image_and_logits, params):
     probs = probabilities_from_logits(logits, h, w)
     expected = _direct_pydensecrf(rgb, probs, params)
 
-    ctx = RefineContext(refiner=DenseCRFRefiner(params), num_classes=11, flat_palette=tuple(CAMVID.flat_palette()), fingerprints={})
+    ctx = RefineContext(refiner=DenseCRF(params), num_classes=11, flat_palette=tuple(CAMVID.flat_palette()), fingerprints={})
     row = refine_item({"uri": "mem://x.png", "key": "k", "rgb": rgb, "logits": logits}, ctx, "s")["mask"]
     refined = decode_mask(row["mask"])
     raw = decode_mask(row["raw_mask"])
@@ -70,8 +71,6 @@ def test_low_resolution_logits_give_the_networks_own_masks():
 
 
 def test_raw_mask_and_confidence_equal_numpy_argmax_and_max():
-    from segflow.pipeline.refine import labels_and_confidence
-
     rng = np.random.default_rng(5)
     for classes, scale in ((11, 3.0), (2, 0.01), (40, 50.0), (1, 1.0)):
         logits = rng.normal(0, scale, (classes, 9, 12)).astype(np.float32)
