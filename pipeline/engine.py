@@ -125,13 +125,16 @@ class ShardExecutor:
         self._ray = ray
         cluster = spec.cluster
         self.actors = actors if actors is not None else start_model_actors(spec)
-        self.refine_in_actors = cluster.crf_workers == 0
+        # A kind that refines on the device does so in the model actor, which then makes the
+        # whole row there: its probabilities never cross the object store.
+        on_device = getattr(refine_context.refiner, "runs_on", "cpu") == "device"
+        self.refine_in_actors = cluster.crf_workers == 0 or on_device
         self._probes: list = [None] * len(self.actors)  # per actor: readiness probe in flight after a failure
         self._refine_item = ray.remote(refine_item)
         self._refine_options = {"num_cpus": cluster.crf_num_cpus, "max_retries": 3}
         # start CRF worker processes (and their torch import) while the model actors load
         warm = ray.remote(warm_up).options(num_cpus=cluster.crf_num_cpus)
-        self._warming = [warm.remote() for _ in range(cluster.crf_workers)]
+        self._warming = [warm.remote() for _ in range(0 if self.refine_in_actors else cluster.crf_workers)]
         self.context = ray.put(refine_context)
         self.evaluating = refine_context.evaluation is not None
         self.output = output

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segflow.pipeline.config import ModelRef
-from segflow.pipeline.resize import decode_for_network
+from segflow.pipeline.resize import decode_for_network, needs_image_size_path
 from segflow.errors import ImageError, StorageError
 from segflow.pipeline.sharding import Shard
 from segflow.pipeline.storage import read_bytes, use_storage_environment
@@ -76,6 +76,12 @@ class ModelWorker:
         if options.channels_last and options.device == "cuda":
             net = net.to(memory_format=torch.channels_last)
         self.lowres = torch.compile(net.lowres_logits) if options.compile else net.lowres_logits
+        if model.tta != "none":  # full-resolution logits averaged over mirrored/rescaled copies
+            from functools import partial
+
+            from segflow.models.tta import tta_logits
+
+            self.lowres = partial(tta_logits, self.lowres, mode=model.tta)
         from segflow.models.working_size import resolve_working_size
 
         # Larger images run at this long side and get masks back at their size (pipeline/resize.py).
@@ -104,10 +110,14 @@ class ModelWorker:
             return
         from segflow.pipeline.refine import refine_item
 
-        for item in self._infer(shard):
+        # A refinement kind that runs on the device refines each batch right after the
+        # network, while its logits are still there (models/crf: runs_on == "device").
+        refiner = refine_context.refiner
+        device_refiner = refiner if getattr(refiner, "runs_on", "cpu") == "device" else None
+        for item in self._infer(shard, device_refiner):
             yield refine_item(item, refine_context, shard.shard_id)
 
-    def _infer(self, shard: Shard):
+    def _infer(self, shard: Shard, device_refiner=None):
         """Per image in shard order, an inference result dict or a failure dict.
 
         Decoding runs in `decode_threads` background threads (PIL releases the GIL), at
@@ -123,14 +133,14 @@ class ModelWorker:
                     yield item
                     continue
                 if pending and item["rgb"].shape != pending[0]["rgb"].shape:
-                    yield from self._run_batch(pending)
+                    yield from self._run_batch(pending, device_refiner)
                     pending = []
                 pending.append(item)
                 next_ready = i + 1 < len(futures) and futures[i + 1].done()
                 if len(pending) >= self.options.batch_size or not next_ready:
-                    yield from self._run_batch(pending)
+                    yield from self._run_batch(pending, device_refiner)
                     pending = []
-            yield from self._run_batch(pending)
+            yield from self._run_batch(pending, device_refiner)
         finally:
             for later in futures:
                 later.cancel()  # a shard given up (failing store, cancelled task) stops decoding
@@ -151,12 +161,22 @@ class ModelWorker:
         except Exception as exc:  # never lose an image: anything unexpected becomes its error row
             return {**base, "failure": {"stage": "read", "reason": f"{type(exc).__name__}: {exc}", "image_fault": True}}
 
-    def _run_batch(self, items: list[dict]):
+    def _run_batch(self, items: list[dict], device_refiner=None):
         if not items:
             return
         t0 = time.perf_counter()
         try:
-            logits = self._forward(np.stack([it["rgb"] for it in items]))
+            batch = np.stack([it["rgb"] for it in items])
+            if device_refiner is not None and any(needs_image_size_path(it) for it in items):
+                device_refiner = None  # resized or tiled: refined stripe by stripe at the image's size (pipeline/resize.py)
+            if device_refiner is None:
+                logits = self._forward(batch)
+            else:
+                logits, refined, forward_seconds = self._forward_and_refine(batch, device_refiner)
+                refine_seconds = (time.perf_counter() - t0 - forward_seconds) / len(items)
+                for it, labels in zip(items, refined):
+                    it["refined"], it["seconds_device_refine"] = labels, refine_seconds
+                t0 += refine_seconds * len(items)  # seconds_infer below: the network's share only
         except Exception as exc:
             for it in items:
                 it.pop("rgb", None)
@@ -170,18 +190,44 @@ class ModelWorker:
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, C, h, w) float32 low-resolution logits."""
+        return self._forward_on_device(self._to_device(batch)).float().cpu().numpy()
+
+    def _forward_and_refine(self, batch: np.ndarray, refiner) -> tuple[np.ndarray, np.ndarray, float]:
+        """The network, then a device refinement kind on its logits still on the device.
+
+        -> (B, C, h, w) float32 logits (the raw mask and confidences come from them, as
+        for every kind), (B, H, W) uint8 refined labels, and the network's seconds.
+        """
+        import torch
+
+        t0 = time.perf_counter()
+        pixels = self._to_device(batch)
+        logits = self._forward_on_device(pixels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the split between network and CRF time is true
+        forward_seconds = time.perf_counter() - t0
+        with torch.inference_mode():
+            refined = refiner.refine_batch(logits.float(), pixels)
+        return logits.float().cpu().numpy(), refined, forward_seconds
+
+    def _to_device(self, batch: np.ndarray):
         import torch
 
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
+        return x
+
+    def _forward_on_device(self, pixels):
+        """(B, H, W, 3) uint8 tensor on the device -> (B, C, h, w) logits on the device."""
+        import torch
+
+        x = pixels.permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
         if self.options.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), _autocast(self.device, self.options.autocast):
-            out = self.lowres(x)
-        return out.float().cpu().numpy()
+            return self.lowres(x)
 
 
 def _autocast(device, mode: str):

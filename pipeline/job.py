@@ -338,13 +338,14 @@ def planned_precision(cfg: SegmentConfig) -> str:
 def _resolve_refinement(cfg: SegmentConfig, model_meta: dict):
     """Each explicit parameter wins for itself; the rest are the checkpoint's tuned ones, then the kind's defaults.
 
-    A checkpoint's `crf` metadata holds its tuned dense-CRF parameters (models/release.py);
-    `refinements` may hold tuned parameters of other kinds, by kind name.
+    A checkpoint's `crf` metadata holds its tuned dense-CRF parameters (models/release.py),
+    which every kind with the same parameter names (meanfield) takes in the same units;
+    `refinements` may hold tuned parameters of a kind of its own, by kind name.
     """
     from segflow.models.crf import resolve_refinement
 
     tuned = (model_meta.get("refinements") or {}).get(cfg.refinement)
-    if tuned is None and cfg.refinement == "dense":
+    if tuned is None:  # the dense CRF's tuned kernels: the mean-field kinds give them the same meaning
         tuned = model_meta.get("crf")
     return resolve_refinement(cfg.refinement, dict(cfg.crf_params), tuned)
 

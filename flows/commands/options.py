@@ -54,6 +54,9 @@ PARAMETER_HELP = {
     "bilateral_sxy": "appearance kernel spatial width, px",
     "bilateral_srgb": "appearance kernel colour width, intensity levels 0..255",
     "bilateral_compat": "appearance kernel weight",
+    "backend": "mean-field message passing: lattice (fully connected, pydensecrf2's model) or window (ConvCRF's local window)",
+    "window_size": "window backend: neighbours within this odd window, px at the downsampled resolution",
+    "downsample": "window backend: messages computed at 1/N resolution",
 }
 
 

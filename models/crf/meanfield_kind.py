@@ -47,12 +47,19 @@ class MeanFieldRefinement:
 
     def refine(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """One image on the CPU: (H, W, 3) uint8, (C, H, W) float32 probabilities -> (H, W) uint8 labels."""
+        return self.refine_probabilities(rgb, probs).argmax(axis=0).astype(np.uint8)
+
+    def refine_probabilities(self, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """One image: (H, W, 3) uint8, (C, H, W) float32 probabilities -> (C, H, W) float32 mean-field Q.
+
+        The engine upsamples Q bilinearly when it refined at a working size smaller than the image.
+        """
         import torch
 
-        from segflow.models.crf.meanfield import MeanFieldCRF
+        from segflow.models.crf.meanfield import MeanFieldCRF, unary_logits_from_probabilities
 
         layer = MeanFieldCRF(probs.shape[0], self.params)
         with torch.inference_mode():
             image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-            labels = layer.refine(torch.from_numpy(probs)[None], image, probabilities=True)
-        return labels[0].to(torch.uint8).numpy()
+            scores = layer(unary_logits_from_probabilities(torch.from_numpy(probs)[None]), image)
+        return torch.softmax(scores, dim=1)[0].numpy()
