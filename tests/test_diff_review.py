@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -177,14 +178,24 @@ def test_nightly_reprocess_publishes_what_changed_against_the_masks_it_replaced(
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from segflow.flows.artifacts import artifact_key
-    from segflow.flows.parameters import Execution
-    from segflow.flows.reprocess import reprocess_flow
 
     images, old, new = outputs
     nightly = tmp_path / "nightly"
     shutil.copytree(old, nightly)
-    summary = reprocess_flow(str(images), str(nightly), model=_model(1), execution=Execution(shard_size=2))
-    assert summary.masks == 6
+    # The nightly run runs in its own interpreter, as a deployment's would: a flow run in this
+    # one leaves Prefect's in-process events worker in a state that loses later tests' task-run
+    # events (tests/test_flows.py then found no task runs on the session's server).
+    code = (
+        "import sys\n"
+        "from segflow.flows.parameters import Execution\n"
+        "from segflow.flows.reprocess import reprocess_flow\n"
+        "from segflow.pipeline.config import ModelRef\n"
+        f"summary = reprocess_flow({str(images)!r}, {str(nightly)!r}, model=ModelRef(model='fcn8s_resnet18', weights='none', num_classes={K}, seed=1), execution=Execution(shard_size=2))\n"
+        "print('masks', summary.masks)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=prefect_server.env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "masks 6" in run.stdout
     if not Path(history_url(str(nightly))).is_dir():
         pytest.skip("this engine keeps no OUTPUT/history of replaced masks yet (pipeline/history.py), so there is nothing to report")
     with get_client(sync_client=True) as client:

@@ -178,8 +178,20 @@ def test_segment_flow_with_random_weights_records_stage_tasks_and_artifact(prefe
     assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
     run = runs[-1]  # the first run
     assert "storage_options" not in run.parameters and run.parameters["execution"]["shard_size"] == 2
+    # Task runs reach the server as events, recorded asynchronously: flush them, then wait
+    # until the server has recorded all five (under load, or behind earlier tests' events,
+    # the first read can come back before it has).
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=30)
+
+    def recorded_tasks():
+        with client() as c:
+            found = c.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
+        return found if len(found) >= 5 and all(t.state is not None and t.state.is_final() for t in found) else None
+
+    tasks = wait_for(recorded_tasks, 60, "the first run's five stage task runs on the server")
     with client() as c:
-        tasks = c.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
         logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
     stages = sorted(t.name.rsplit("-", 1)[0] for t in tasks)
     assert stages == ["list_inputs", "plan_work", "publish_report", "run_shards", "summarise_run"]  # stages, not images

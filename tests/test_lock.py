@@ -76,13 +76,14 @@ def test_two_engine_runs_into_one_output_take_turns(tmp_path, monkeypatch):
 
 
 def test_two_cli_runs_into_one_output_take_turns(tmp_path):
-    write_scenes(tmp_path / "in", 4)
+    write_scenes(tmp_path / "in", 12)
     cluster = RayCluster()
     env = {k: v for k, v in cluster.env.items() if k != "PREFECT_API_URL"} | {"SEGFLOW_LOCK_DIR": str(tmp_path / "locks")}
 
     def start(log: Path) -> subprocess.Popen:
         command = [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path / "in"), str(tmp_path / "out"),
-                   "--shard-size", "2", "--ray-address", cluster.address, *RANDOM_FCN_FLAGS]
+                   "--shard-size", "2", "--ray-address", cluster.address, *RANDOM_FCN_FLAGS,
+                   "--crf-iterations", "4000"]  # 48x64 images: ~2 s each, so the first run still holds the lock while the second starts (~10 s)
         home = {"PREFECT_HOME": str(tmp_path / f"prefect-{log.stem}")}
         return subprocess.Popen(command, env=env | home, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
 
@@ -92,8 +93,8 @@ def test_two_cli_runs_into_one_output_take_turns(tmp_path):
         first, second = _two_runs_at_once(start, tmp_path)
     finally:
         cluster.stop()
-    assert "4 of 4 images to process" in first
-    assert "waiting for it to end" in second and "nothing to do: all 4 images are up to date" in second
+    assert "12 of 12 images to process" in first
+    assert "waiting for it to end" in second and "nothing to do: all 12 images are up to date" in second
     assert verify_output(str(tmp_path / "out"), str(tmp_path / "in")) == []
 
 
