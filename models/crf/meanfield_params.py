@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from segflow.errors import ConfigError
+from segflow.models.crf.dense import CRFParams
 
 BACKENDS = ("lattice", "window")
 
@@ -25,12 +26,13 @@ class MeanFieldParams:
     knowing that it changes the masks.
     """
 
-    iterations: int = 5
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
+    # The kernels' defaults are the dense CRF's, written once there.
+    iterations: int = CRFParams.iterations
+    gaussian_sxy: float = CRFParams.gaussian_sxy
+    gaussian_compat: float = CRFParams.gaussian_compat
+    bilateral_sxy: float = CRFParams.bilateral_sxy
+    bilateral_srgb: float = CRFParams.bilateral_srgb
+    bilateral_compat: float = CRFParams.bilateral_compat
     backend: str = "lattice"
     window_size: int = 11  # "window" only: neighbours within window_size // 2 (pooled) pixels
     downsample: int = 4  # "window" only: messages computed at 1/downsample resolution
