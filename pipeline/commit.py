@@ -4,7 +4,7 @@ Layout under OUTPUT (see README):
 
     masks/shard-<id>.parquet     one row per image that produced a mask
     errors/shard-<id>.parquet    one row per image that failed, with stage and reason
-    metrics/shard-<id>.parquet   evaluate only: per-image confusion matrices and scores
+    metrics/shard-<id>.parquet   evaluate only: per-image confusion matrices (sparse) and scores
 
 Order matters: errors and metrics are committed first and the masks file last, so the
 masks file is the shard's commit marker. A shard with leftovers but no masks file was

@@ -7,9 +7,10 @@ Two versions of each image's mask are compared pixel by pixel:
   another output of the same collection (`previous.py` finds them);
 - new: OUTPUT's current masks.
 
-Per image the comparison is a change matrix stored the way a confusion matrix is
-(`metrics.metric_schema`): K*K int64 row-major, rows = old class, columns = new class, so
-the diagonal holds unchanged pixels. Collection numbers (changed fraction, per-class pixels
+Per image the comparison is a change matrix laid out as a confusion matrix: K*K int64
+row-major (dense, as metrics stored confusion matrices before `evaluation/sparse.py`), rows =
+old class, columns = new class, so the diagonal holds unchanged pixels. Only workers hold
+these rows; the driver gets each shard's sum. Collection numbers (changed fraction, per-class pixels
 gained and lost, per-class IoU of old vs new) come from the summed matrix, never from a
 mean of per-image scores, as evaluation does.
 

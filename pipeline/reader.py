@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from segflow.pipeline.commit import ERRORS, MASKS, METRICS
+from segflow.pipeline.commit import ERRORS, MASKS, METRICS, metrics_schema
+from segflow.pipeline.evaluation.sparse import MATRICES, dense_column, legacy_fields, upgrade
 from segflow.pipeline.history import hidden_rows
 from segflow.pipeline.masks import decode_mask
 from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, image_fault
@@ -62,8 +63,30 @@ def read_errors(output: str, columns: list[str] | None = None, storage_options: 
 
 
 def read_metrics(output: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
-    dataset = open_dataset(output, METRICS, storage_options)
-    return dataset.to_table(columns=columns) if dataset is not None else pa.table({})
+    """The metrics table (evaluate; columns in `commit.metrics_schema`), confusion matrices sparse.
+
+    Each matrix m (`raw_confusion`, `raw_trimap_confusion`, `crf_confusion`,
+    `crf_trimap_confusion`) is the pair m_cells, m_counts (evaluation/sparse.py), rows of
+    outputs written before that form included. Name m itself in `columns` to get it as the
+    dense K*K row-major list older versions stored, built from either form.
+    """
+    paths = committed_files(output, METRICS, storage_options)
+    if not paths:
+        return pa.table({})
+    fs, _ = filesystem_for(output, storage_options)
+    found = ds.dataset(paths, filesystem=fs, format="parquet")
+    # One schema for every file: older ones hold the dense columns, newer the sparse ones.
+    schema = metrics_schema()
+    for field in [*legacy_fields(), *(f for fragment in found.get_fragments() for f in fragment.physical_schema)]:
+        if field.name not in schema.names:
+            schema = schema.append(field)
+    dataset = _current(ds.dataset(paths, schema=schema, filesystem=fs, format="parquet"), output, storage_options)
+    dense = [m for m in MATRICES if columns is not None and m in columns]
+    table = upgrade(dataset.to_table(columns=None if columns is None else _metrics_sources(columns)))
+    for m in dense:  # K per row: the length of its per-class lists
+        k = pc.list_value_length(table.column(_per_class(m)))
+        table = table.append_column(m, dense_column(table.column(f"{m}_cells"), table.column(f"{m}_counts"), k))
+    return table.select(columns) if columns is not None else table
 
 
 def load_mask(output: str, uri: str, raw: bool = False, storage_options: dict | None = None) -> np.ndarray:
@@ -104,6 +127,20 @@ def _read(output, name, schema, columns, filter, storage_options) -> pa.Table:
     if dataset is None:
         return schema.empty_table().select(columns) if columns else schema.empty_table()
     return dataset.to_table(columns=columns, filter=filter)
+
+
+def _metrics_sources(columns: list[str]) -> list[str]:
+    """The stored columns `read_metrics` needs to return `columns`: a matrix's both forms, and K for a dense one."""
+    matrices = [m for m in MATRICES if any(c == m or c.startswith(f"{m}_") for c in columns)]
+    sources = [c for c in columns if c not in MATRICES]
+    for m in matrices:
+        sources += [f"{m}_cells", f"{m}_counts", m] + ([_per_class(m)] if m in columns else [])
+    return list(dict.fromkeys(sources))
+
+
+def _per_class(matrix: str) -> str:
+    """A per-class list of the matrix's variant: its length is the row's K."""
+    return f"{matrix.split('_')[0]}_boundary_gt"
 
 
 def _current(dataset: ds.Dataset, output: str, storage_options: dict | None) -> ds.Dataset:

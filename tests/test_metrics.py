@@ -20,6 +20,7 @@ from segflow.pipeline.config import LabelPairing
 from segflow.errors import InputError, LabelError
 from segflow.pipeline.evaluation.groundtruth import decode_label
 from segflow.pipeline.evaluation.metrics import MetricTotals, aggregate, boundary_f1, image_metrics, metric_schema
+from segflow.pipeline.evaluation.sparse import to_dense
 from segflow.pipeline.schema import MASKS_SCHEMA
 from segflow.pipeline.evaluation.summary import summarise_metrics
 
@@ -32,6 +33,11 @@ def torchvision_confusion(label: np.ndarray, pred: np.ndarray, n: int) -> torch.
     k = (a >= 0) & (a < n)
     inds = n * a[k].to(torch.int64) + b[k].to(torch.int64)
     return torch.bincount(inds, minlength=n**2).reshape(n, n)
+
+
+def dense(row: dict, matrix: str, k: int) -> list[int]:
+    """A row's stored (sparse) matrix as the flat row-major K*K list."""
+    return to_dense(row[f"{matrix}_cells"], row[f"{matrix}_counts"], k).ravel().tolist()
 
 
 def rows_table(rows: list[dict], uris: list[str] | None = None) -> pa.Table:
@@ -66,7 +72,7 @@ def test_camvid_confusion_matches_torchvision_reference_to_the_pixel(camvid_labe
     ref_crf = sum(torchvision_confusion(lab, c, K_CAMVID) for lab, c in zip(camvid_labels, crf))
 
     for row, lab, r in zip(rows, camvid_labels, raw):  # per image, flat, rows = ground truth
-        assert row["raw_confusion"] == torchvision_confusion(lab, r, K_CAMVID).ravel().tolist()
+        assert dense(row, "raw_confusion", K_CAMVID) == torchvision_confusion(lab, r, K_CAMVID).ravel().tolist()
 
     # Through Parquet, two shard files, streamed by summarise_metrics.
     uris = [f"img{i}.png" for i in range(len(rows))]
@@ -112,7 +118,7 @@ def test_camvid_perfect_prediction_scores_one(camvid_labels):
     assert row["raw_miou"] == row["raw_pixel_accuracy"] == row["raw_bf"] == 1.0
     counts = [row[f"raw_boundary_{name}"] for name in ("pred", "pred_matched", "gt", "gt_matched")]
     assert all(c == counts[0] for c in counts) and sum(counts[0]) > 0
-    assert row["crf_confusion"] is None and row["crf_miou"] is None
+    assert row["crf_confusion_cells"] is None and row["crf_confusion_counts"] is None and row["crf_miou"] is None
 
 
 # --- boundary F-score on paper ----------------------------------------------------------------
@@ -177,7 +183,7 @@ def test_void_creates_no_boundary():
     row = image_metrics(gt, pred, None, num_classes=2, ignore_index=9, tolerance=0, trimap_width=2)
     assert row["raw_boundary_gt"] == row["raw_boundary_pred"] == [0, 0]
     assert row["raw_bf"] is None  # nothing to judge, not 0 and not 1
-    assert row["raw_trimap_confusion"] == [0, 0, 0, 0]
+    assert dense(row, "raw_trimap_confusion", 2) == [0, 0, 0, 0]
 
 
 def test_boundary_only_on_one_side_scores_zero():
@@ -214,7 +220,7 @@ def test_trimap_band_membership():
     # Predicting class 0 everywhere, width 1: band = columns 2-5 less the void pixel.
     # Class 0 in the band: columns 2, 3 -> 10 - 1 void = 9 px, all right; class 1: columns 4, 5 -> 10 px, all wrong.
     row = image_metrics(gt, np.zeros_like(gt), None, 2, 7, tolerance=2, trimap_width=1)
-    assert row["raw_trimap_confusion"] == [9, 0, 10, 0]
+    assert dense(row, "raw_trimap_confusion", 2) == [9, 0, 10, 0]
     assert aggregate(rows_table([row]))["raw"]["trimap_miou"] == pytest.approx((9 / 19 + 0) / 2)
 
 
@@ -266,7 +272,7 @@ def test_summary_streams_shards_written_without_a_schema_on_any_fsspec_store():
     for name, row in (("a", with_crf), ("b", without)):
         table = pa.Table.from_pylist([{"uri": f"{name}.png", "label_uri": f"{name}.label.png", **row, "junk": b"x" * 1000}])
         commit_metrics_shard(fs, root, name * 16, table)
-    assert pq.read_schema(fs.open(f"{root}/metrics/shard-{'b' * 16}.parquet")).field("crf_confusion").type == pa.null()
+    assert pq.read_schema(fs.open(f"{root}/metrics/shard-{'b' * 16}.parquet")).field("crf_confusion_cells").type == pa.null()
     # an interrupted commit's metrics (no masks file for its shard) are not results
     fs.pipe(f"{root}/metrics/shard-{'c' * 16}.parquet", fs.cat(f"{root}/metrics/shard-{'a' * 16}.parquet"))
     try:

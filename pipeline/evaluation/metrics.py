@@ -7,13 +7,14 @@ Rows are ground truth, columns are predictions.
 The flow for `segflow evaluate`: the engine calls `image_metrics` once per image and writes
 its dict as one Parquet row (types in `metric_schema`); `MetricTotals` (or `aggregate`) sums
 the count columns of any number of rows and derives every dataset score from the sums.
+A row's confusion matrices are stored sparse, as their nonzero cells (`sparse.py` says why);
+rows of older outputs, dense, are summed alike.
 A class absent from both ground truth and prediction has no score: it is None (null in
 Parquet and JSON), never 0 or 1.
 """
 
 from __future__ import annotations
 
-from math import isqrt
 from typing import Iterable
 
 import numpy as np
@@ -22,6 +23,7 @@ import pyarrow.compute as pc
 
 from segflow.pipeline.evaluation.boundary import COUNT_NAMES, GT, GT_MATCHED, PRED, PRED_MATCHED, boundary_counts, trimap_band
 from segflow.errors import LabelError
+from segflow.pipeline.evaluation.sparse import cells_and_counts, legacy_fields, sparse_fields, sum_cells
 from segflow.models.scores import (  # noqa: F401  (re-exported: the metric kernels' historical home)
     confusion_matrix,
     frequency_weighted_iou,
@@ -56,16 +58,18 @@ def metric_schema() -> pa.Schema:
     """The Parquet types of the columns `image_metrics` returns (K = number of classes).
 
     Per variant v in ("raw", "crf"); the crf columns are null when the CRF did not run:
-    v_confusion list<int64> (K*K, row-major, rows = ground truth); v_trimap_confusion the same
-    restricted to the trimap band; v_pixel_accuracy, v_miou, v_bf float64 (per-image, for
-    ranking and browsing only); v_iou list<float64> (K, null = class absent from both sides);
+    v_confusion_cells list<int32> and v_confusion_counts list<int64>: the (K, K) confusion matrix
+    (rows = ground truth) as the row-major indices of its nonzero cells and their pixel counts
+    (`sparse.py`); v_trimap_confusion_cells and _counts the same restricted to the trimap band;
+    v_pixel_accuracy, v_miou, v_bf float64 (per-image, for ranking and browsing only);
+    v_iou list<float64> (K, null = class absent from both sides);
     v_boundary_pred, v_boundary_pred_matched, v_boundary_gt, v_boundary_gt_matched list<int64> (K).
     """
     fields = []
     for v in VARIANTS:
         fields += [
-            pa.field(f"{v}_confusion", pa.list_(pa.int64())),
-            pa.field(f"{v}_trimap_confusion", pa.list_(pa.int64())),
+            *sparse_fields(f"{v}_confusion"),
+            *sparse_fields(f"{v}_trimap_confusion"),
             pa.field(f"{v}_pixel_accuracy", pa.float64()),
             pa.field(f"{v}_miou", pa.float64()),
             pa.field(f"{v}_iou", pa.list_(pa.float64())),
@@ -76,8 +80,18 @@ def metric_schema() -> pa.Schema:
 
 
 def count_columns() -> list[str]:
-    """The columns dataset aggregation needs; read only these (plus what ranking needs)."""
-    return [f"{v}_{n}" for v in VARIANTS for n in ("confusion", "trimap_confusion", *(f"boundary_{c}" for c in COUNT_NAMES))]
+    """The columns dataset aggregation needs; read only these (plus what ranking needs).
+
+    The dense confusion columns of older outputs are among them (`count_types` has their types).
+    """
+    matrices = [f.name for v in VARIANTS for m in ("confusion", "trimap_confusion") for f in sparse_fields(f"{v}_{m}")]
+    boundary = [f"{v}_boundary_{c}" for v in VARIANTS for c in COUNT_NAMES]
+    return [*matrices, *(f.name for f in legacy_fields()), *boundary]
+
+
+def count_types() -> dict[str, pa.DataType]:
+    """Column name -> Parquet type, for `metric_schema`'s columns and the dense ones of older outputs."""
+    return {f.name: f.type for f in [*metric_schema(), *legacy_fields()]}
 
 
 def image_metrics(
@@ -119,8 +133,8 @@ def image_metrics(
         confusion = confusion_matrix(label, pred, num_classes, ignore_index)
         trimap = confusion_matrix(label[band], pred[band], num_classes, ignore_index)
         counts = boundary_counts(label, pred, valid, num_classes, tolerance)
-        row[f"{variant}_confusion"] = confusion.ravel().tolist()
-        row[f"{variant}_trimap_confusion"] = trimap.ravel().tolist()
+        for name, matrix in (("confusion", confusion), ("trimap_confusion", trimap)):
+            row[f"{variant}_{name}_cells"], row[f"{variant}_{name}_counts"] = cells_and_counts(matrix)
         row[f"{variant}_pixel_accuracy"] = _number(pixel_accuracy(confusion))
         row[f"{variant}_miou"] = _number(mean_iou(confusion))
         row[f"{variant}_iou"] = _numbers(per_class_iou(confusion))
@@ -148,22 +162,33 @@ class MetricTotals:
         self.sums: dict[str, dict[str, np.ndarray]] = {}
 
     def process(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Add the rows of one batch. Rows whose raw confusion is null (error rows) only count in `rows`."""
+        """Add the rows of one batch. Rows without a raw confusion matrix (error rows) only count in `rows`.
+
+        Each row's matrices may be sparse (cells and counts) or, in older outputs, dense.
+        """
         self.rows += batch.num_rows
-        raw_ok = _valid(batch, "raw_confusion")
-        crf_ok = _valid(batch, "crf_confusion")
-        selections = {"raw": raw_ok, "crf": pc.and_(raw_ok, crf_ok), "raw_paired": pc.and_(raw_ok, crf_ok)}
+        sparse = {v: _valid(batch, f"{v}_confusion_cells") for v in VARIANTS}
+        ok = {v: pc.or_(sparse[v], _valid(batch, f"{v}_confusion")) for v in VARIANTS}
+        both = pc.and_(ok["raw"], ok["crf"])
+        selections = {"raw": ok["raw"], "crf": both, "raw_paired": both}
         for key, rows in selections.items():
             n = pc.sum(rows.cast(pa.int64())).as_py() or 0
             if not n:
                 continue
             variant = key.split("_")[0]
-            k = self._classes(batch.column(f"{variant}_confusion").filter(rows))
+            k = self._classes(_column(batch, f"{variant}_boundary_gt").filter(rows))
             self.images[key] += n
             zeros = {"confusion": (k, k), "trimap_confusion": (k, k), "boundary": (4, k)}
             sums = self.sums.setdefault(key, {name: np.zeros(shape, np.int64) for name, shape in zeros.items()})
+            as_cells = pc.and_(rows, sparse[variant])
+            as_dense = pc.and_(rows, pc.invert(sparse[variant]))
             for name in ("confusion", "trimap_confusion"):
-                sums[name] += _sum_lists(batch, f"{variant}_{name}", rows, k * k).reshape(k, k)
+                column = f"{variant}_{name}"
+                if pc.any(as_cells).as_py():
+                    sums[name] += sum_cells(_column(batch, f"{column}_cells").filter(as_cells),
+                                            _column(batch, f"{column}_counts").filter(as_cells), k, column).reshape(k, k)
+                if pc.any(as_dense).as_py():
+                    sums[name] += _sum_lists(batch, column, as_dense, k * k).reshape(k, k)
             for i, name in enumerate(COUNT_NAMES):
                 sums["boundary"][i] += _sum_lists(batch, f"{variant}_boundary_{name}", rows, k)
 
@@ -194,12 +219,12 @@ class MetricTotals:
             "delta": _delta(crf, paired) if crf and paired else None,
         }
 
-    def _classes(self, confusion: pa.Array) -> int:
-        lengths = pc.unique(pc.list_value_length(confusion)).to_pylist()
-        ks = {isqrt(n) for n in lengths}
-        if len(ks) != 1 or any(isqrt(n) ** 2 != n for n in lengths):
-            raise ValueError(f"confusion lists have lengths {lengths}; each must be K*K for one K")
-        k = ks.pop()
+    def _classes(self, per_class: pa.Array) -> int:
+        """K of the scored rows, from the length of a per-class list (the same in both matrix forms)."""
+        lengths = pc.unique(pc.list_value_length(per_class)).to_pylist()
+        if len(lengths) != 1 or lengths[0] is None:
+            raise ValueError(f"per-class lists have lengths {lengths}; each scored row must have one of K counts")
+        k = lengths[0]
         if self.num_classes not in (None, k):
             raise ValueError(f"rows hold {k}x{k} confusion matrices but earlier rows (or the label set) say "
                              f"{self.num_classes} classes; were runs with different label sets written to one output?")
@@ -265,18 +290,17 @@ def _minus(a: float | None, b: float | None) -> float | None:
 def _valid(batch: pa.RecordBatch | pa.Table, column: str) -> pa.Array:
     if column not in batch.schema.names:
         return pa.array(np.zeros(batch.num_rows, dtype=bool))
+    return _column(batch, column).is_valid()
+
+
+def _column(batch: pa.RecordBatch | pa.Table, column: str) -> pa.Array:
     col = batch.column(column)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.is_valid()
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
 def _sum_lists(batch: pa.RecordBatch | pa.Table, column: str, rows: pa.Array, length: int) -> np.ndarray:
     """Sum the selected rows' list<int64> values element-wise -> (length,) int64."""
-    col = batch.column(column)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    chosen = col.filter(rows)
+    chosen = _column(batch, column).filter(rows)
     if chosen.null_count or pc.any(pc.not_equal(pc.list_value_length(chosen), length)).as_py():
         raise ValueError(f"column {column!r}: every scored row needs a list of {length} counts (found nulls or other lengths)")
     flat = chosen.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)

@@ -11,6 +11,8 @@ which the next plan finds stale again; never a stale score that looks current.
 
 Rows written before `label_key` existed say nothing about their label: they are taken
 as current (rescoring a whole old OUTPUT on upgrade would cost more than it tells).
+The rows a rewritten file keeps have their confusion matrices in today's sparse form, with
+the same counts, whichever form the file held (`sparse.upgrade`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segflow.pipeline.commit import ERRORS, MASKS, METRICS, metrics_schema, shard_file_url, table_bytes
+from segflow.pipeline.evaluation.sparse import upgrade
 from segflow.pipeline.storage import commit_file, filesystem_for, with_retries
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,8 @@ def _replace_rows(fs, output, dataset, sid, uris, new_rows, stamp, superseded_by
     except FileNotFoundError:
         old = schema.empty_table()
     metadata = old.schema.metadata
+    if dataset == METRICS:  # an older file's dense matrices become cells and counts, not nulls
+        old = upgrade(old)
     old = _conform(old, schema)
     drop = pc.is_in(old.column("uri"), value_set=pa.array(uris, pa.string()))
     if dataset == ERRORS:  # only label rows are replaced; an image's other error rows are not about its label

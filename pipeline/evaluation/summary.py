@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from segflow.models.labels import LabelSet
 from segflow.pipeline.commit import METRICS
 from segflow.errors import InputError
-from segflow.pipeline.evaluation.metrics import MetricTotals, count_columns, metric_schema
+from segflow.pipeline.evaluation.metrics import MetricTotals, count_columns, count_types
 from segflow.pipeline.state import committed_files
 from segflow.pipeline.storage import commit_file, filesystem_for
 
@@ -52,7 +52,8 @@ def summarise_metrics(
         raise InputError(f"{output_url.rstrip('/')}/metrics: no metrics of committed shards here; "
                          "`segflow evaluate` writes them (`segment` does not)")
     # An explicit schema makes shards agree even when one was written with all-null crf
-    # columns (inferred as type null) and lets older files lack a column.
+    # columns (inferred as type null) and lets older files lack a column: the sparse matrix
+    # columns before they existed, the dense ones since (each row has one form).
     columns = [*RANK_COLUMNS, *count_columns()]
     dataset = ds.dataset(paths, filesystem=fs, format="parquet", schema=_read_schema(columns))
     totals = MetricTotals(label_set.num_classes if label_set else None)
@@ -132,6 +133,6 @@ def commit_bytes(url: str, data: bytes, storage_options: dict) -> None:
 
 
 def _read_schema(columns: list[str]) -> pa.Schema:
-    types = {f.name: f.type for f in metric_schema()}
+    types = count_types()
     types.update(uri=pa.string(), label_uri=pa.string())
     return pa.schema([pa.field(c, types[c]) for c in columns])

@@ -1,0 +1,175 @@
+"""Per-image confusion matrices stored sparse: their nonzero cells and the pixels in each.
+
+Why: a metrics row holds four matrices (raw and CRF, whole image and trimap band), and the
+driver keeps every row of a shard until the shard commits. Dense, each is a K*K list: 22,500
+integers at ADE20K's 150 classes, 90,000 per image, almost all zero. An image shows a few
+classes, so only cells between those classes can be nonzero (at most their number squared),
+and in practice far fewer: the diagonal plus the confusions along region borders, about 100
+cells per matrix for 10-20 classes in bench/confusion_memory.py's scenes. Stored as those
+cells, a row grows with what the image holds, not with K^2 (that bench measures the driver's
+memory both ways).
+
+The form, for each matrix column m in `MATRICES`:
+
+    m_cells    list<int32>  row-major indices (ground truth * K + prediction) of the nonzero
+                            cells, ascending
+    m_counts   list<int64>  the pixels in each of those cells (each > 0)
+
+Both are null where the matrix does not exist (the CRF did not run, an error row). K is not
+repeated per row: it is the length of the row's per-class lists (`<variant>_boundary_gt`).
+
+Outputs written before this form hold m itself, dense (list<int64> of K*K, row-major;
+`legacy_fields`). Readers take either form, row by row: `MetricTotals` sums both,
+`upgrade` turns a table's dense columns into this form (rescoring rewrites old files with
+it, `reader.read_metrics` returns it), and `dense_column` gives the dense list back to a
+caller that asks for m by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# metrics.VARIANTS x (whole image, trimap band); the dense column names of older outputs
+MATRICES = ("raw_confusion", "raw_trimap_confusion", "crf_confusion", "crf_trimap_confusion")
+CELLS_TYPE = pa.list_(pa.int32())  # K up to 46,340 fits; masks hold at most 256 classes
+COUNTS_TYPE = pa.list_(pa.int64())
+DENSE_TYPE = pa.list_(pa.int64())
+
+
+def sparse_fields(matrix: str) -> list[pa.Field]:
+    """The two Parquet fields that store `matrix` (one of `MATRICES`)."""
+    return [pa.field(f"{matrix}_cells", CELLS_TYPE), pa.field(f"{matrix}_counts", COUNTS_TYPE)]
+
+
+def legacy_fields() -> list[pa.Field]:
+    """The dense matrix fields of outputs written before the sparse form (read, never written)."""
+    return [pa.field(m, DENSE_TYPE) for m in MATRICES]
+
+
+def dense_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with each matrix's cells and counts replaced by its dense column: the metrics
+    schema of outputs written before the sparse form (tests and bench/ write such files)."""
+    fields = []
+    for f in schema:
+        matrix = f.name.removesuffix("_cells")
+        if matrix in MATRICES:
+            fields.append(pa.field(matrix, DENSE_TYPE))
+        elif not (f.name.endswith("_counts") and f.name.removesuffix("_counts") in MATRICES):
+            fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def dense_row(row: dict, num_classes: int) -> dict:
+    """A metrics row with its matrices as dense K*K lists, as older outputs stored them."""
+    out = {name: value for name, value in row.items() if name.removesuffix("_cells").removesuffix("_counts") not in MATRICES}
+    for m in MATRICES:
+        cells = row.get(f"{m}_cells")
+        out[m] = None if cells is None else to_dense(cells, row[f"{m}_counts"], num_classes).ravel().tolist()
+    return out
+
+
+def cells_and_counts(matrix: np.ndarray) -> tuple[list[int], list[int]]:
+    """(K, K) int counts -> (row-major indices of the nonzero cells, ascending; their counts), as lists."""
+    flat = np.asarray(matrix).ravel()
+    cells = np.flatnonzero(flat)
+    return cells.tolist(), flat[cells].astype(np.int64).tolist()
+
+
+def to_dense(cells: list[int], counts: list[int], num_classes: int) -> np.ndarray:
+    """One row's cells and counts -> its (K, K) int64 matrix."""
+    k = num_classes
+    out = np.zeros(k * k, np.int64)
+    np.add.at(out, np.asarray(cells, np.int64), np.asarray(counts, np.int64))
+    return out.reshape(k, k)
+
+
+def sum_cells(cells: pa.Array, counts: pa.Array, num_classes: int, what: str = "") -> np.ndarray:
+    """Sum many rows' sparse matrices (no nulls) -> (K*K,) int64, exact.
+
+    Raises ValueError when a row's two lists differ in length or a cell lies outside K*K
+    (a row written for another label set).
+    """
+    cells, counts = _combined(cells).cast(CELLS_TYPE), _combined(counts).cast(COUNTS_TYPE)
+    if cells.null_count or counts.null_count:
+        raise ValueError(f"{what}: every scored row needs its cells and counts (found nulls)")
+    if pc.any(pc.not_equal(pc.list_value_length(cells), pc.list_value_length(counts))).as_py():
+        raise ValueError(f"{what}: a row's cells and counts differ in length")
+    index = _values(cells)
+    pixels = _values(counts)
+    size = num_classes * num_classes
+    if index.size and (index.min() < 0 or index.max() >= size):
+        raise ValueError(f"{what}: cell {int(index.max())} lies outside a {num_classes}x{num_classes} matrix; "
+                         "were runs with different label sets written to one output?")
+    out = np.zeros(size, np.int64)
+    np.add.at(out, index, pixels)
+    return out
+
+
+def sparse_from_dense(dense: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """A dense K*K list column (older outputs) -> (cells, counts) columns; null rows stay null."""
+    dense = _combined(dense)
+    n = len(dense)
+    if pa.types.is_null(dense.type):
+        return pa.nulls(n, CELLS_TYPE), pa.nulls(n, COUNTS_TYPE)
+    lengths = pc.fill_null(pc.list_value_length(dense), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = _values(dense)
+    row = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else np.zeros(0, np.int64)
+    position = np.arange(values.size) - np.repeat(starts, lengths)
+    nonzero = values != 0
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(row[nonzero], minlength=n))]).astype(np.int32)
+    mask = dense.is_null()
+    cells = pa.ListArray.from_arrays(pa.array(offsets), pa.array(position[nonzero], pa.int32()), mask=mask)
+    counts = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[nonzero], pa.int64()), mask=mask)
+    return cells, counts
+
+
+def dense_column(cells: pa.Array, counts: pa.Array, num_classes: pa.Array) -> pa.Array:
+    """Sparse columns and each row's K -> the dense K*K list column older outputs stored; null rows stay null."""
+    cells, counts = _combined(cells).cast(CELLS_TYPE), _combined(counts).cast(COUNTS_TYPE)
+    k = pc.fill_null(_combined(num_classes), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    missing = pc.or_(cells.is_null(), pa.array(k <= 0))
+    lengths = np.where(missing.to_numpy(zero_copy_only=False), 0, k * k)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = np.zeros(int(offsets[-1]), np.int64)
+    kept = pc.invert(missing)
+    cells, counts = cells.filter(kept), counts.filter(kept)
+    per_row = pc.list_value_length(cells).to_numpy(zero_copy_only=False).astype(np.int64)
+    within = _values(cells)
+    if (within >= np.repeat(lengths[lengths > 0], per_row)).any():
+        raise ValueError("a row's cells lie outside its KxK matrix (K from its per-class lists)")
+    index = within + np.repeat(offsets[:-1][lengths > 0], per_row)
+    np.add.at(values, index, _values(counts))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values), mask=missing).cast(DENSE_TYPE)
+
+
+def upgrade(table: pa.Table) -> pa.Table:
+    """`table` with each dense matrix column (older outputs) replaced by its cells and counts.
+
+    Rows that already have cells keep them; the dense columns are dropped. A table without
+    dense columns comes back as it is.
+    """
+    for matrix in MATRICES:
+        if matrix not in table.column_names:
+            continue
+        cells, counts = sparse_from_dense(table.column(matrix))
+        for field, legacy in zip(sparse_fields(matrix), (cells, counts)):
+            if field.name in table.column_names:
+                own = _combined(table.column(field.name)).cast(field.type)
+                legacy = pc.if_else(own.is_valid(), own, legacy)
+                table = table.set_column(table.schema.get_field_index(field.name), field, legacy)
+            else:
+                table = table.append_column(field, legacy)
+        table = table.drop_columns([matrix])
+    return table
+
+
+def _combined(array):
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def _values(lists: pa.Array) -> np.ndarray:
+    """The list values of the non-null rows, flattened, as int64."""
+    return pc.fill_null(lists.flatten(), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
