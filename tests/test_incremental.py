@@ -213,6 +213,32 @@ def test_noop_run_says_so_and_starts_no_ray(ray_local, random_fcn, tmp_path):
     assert report["seconds"] < 30  # loose: imports torch for the model fingerprint; no Ray start
 
 
+_NOOP_CLI = """
+import json, sys
+from segflow.flows.cli import main
+code = main(["segment", *sys.argv[1:], "--model", "fcn8s_resnet18", "--weights", "none", "--num-classes", "11",
+             "--shard-size", "2", "--no-progress"])
+print(json.dumps({"code": code, "prefect_imported": "prefect" in sys.modules, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def test_noop_cli_rerun_decides_before_prefect_or_ray_start(ray_local, random_fcn, tmp_path):
+    """`segflow segment` with nothing to do answers from the plan: no Prefect server, no flow run, no Ray."""
+    images = write_scenes(tmp_path / "in", 3)
+    _run(_config(tmp_path / "in", tmp_path / "out", random_fcn))
+    rerun = [sys.executable, "-c", _NOOP_CLI, str(tmp_path / "in"), str(tmp_path / "out")]
+    result = subprocess.run(rerun, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    *lines, report = result.stdout.strip().splitlines()
+    assert json.loads(report) == {"code": 0, "prefect_imported": False, "ray_imported": False}
+    assert lines[-1].startswith("segflow: 0 masks, 0 errors, 3 up to date (3 images)")
+
+    images[0].unlink()  # a deletion is reported, and still nothing runs without --prune
+    result = subprocess.run(rerun, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "1 deleted from the source (kept; --prune removes them)" in result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1])["prefect_imported"] is False
+
+
 def test_noop_plan_over_20k_entry_manifest_is_fast(random_fcn, tmp_path):
     n = 20_000
     uris = [f"/data/street/{i // 1000:02d}/img_{i:05d}.png" for i in range(n)]
