@@ -36,6 +36,7 @@ from segflow.pipeline.config import ModelRef
 from segflow.errors import JobStoppedError, StorageError
 from segflow.pipeline.inference import InferenceOptions, ModelWorker
 from segflow.pipeline.refine import RefineContext, refine_item, warm_up
+from segflow.pipeline.shard_failure import MEMORY_FIX, Attempt, ShardHistory, worker_deaths_since
 from segflow.pipeline.sharding import Shard
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class _OpenShard:
     actor: int
     generator: object = None
     generator_done: bool = False
+    started_ms: float = field(default_factory=lambda: time.time() * 1000)
     refining: set = field(default_factory=set)
     masks: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -143,6 +145,7 @@ class ShardExecutor:
         self.max_in_flight = max_in_flight or 2 * cluster.model_actors
         self.max_attempts = max_attempts
         self.replacer = replacer
+        self._histories: dict[str, ShardHistory] = {}  # shard id -> its failed attempts, while it is retried
 
     def run(self, shards: list[Shard], on_progress: Callable[[int], None] | None = None) -> ExecutionStats:
         """Process every shard; each ends committed, with masks and/or error rows for all its images.
@@ -164,6 +167,7 @@ class ShardExecutor:
                 open_shards[shard.shard_id] = self._open(shard, attempt, open_shards)
             for sid in self._wait_and_advance(open_shards, waiting, stats):
                 done = open_shards.pop(sid)
+                self._histories.pop(sid, None)
                 self._commit(done, stats)
                 if stats.seconds_to_first_commit is None:
                     stats.seconds_to_first_commit = time.perf_counter() - start
@@ -253,6 +257,8 @@ class ShardExecutor:
                 stats.stage_seconds[column] += result["mask"].get(column) or 0.0
         if "error" in result:
             o.errors.append(result["error"])
+            if o.shard.shard_id in self._histories:
+                self._histories[o.shard.shard_id].keep_if_own(result["error"])
         if "metrics" in result:
             o.metrics.append(result["metrics"])
 
@@ -276,18 +282,29 @@ class ShardExecutor:
             raise StorageError(" ".join(str(outage).split())) from None
         self._probe(o.actor)
         reason = _failure_reason(exc)
+        history = self._histories.setdefault(o.shard.shard_id, ShardHistory())
+        # The model actor answers in shard order: it was on the first image without a result.
+        answered = {r["uri"] for r in (*o.masks, *o.errors)}
+        on_image = next((u for u in o.shard.uris if u not in answered), None)
+        history.attempts.append(Attempt(reason, f"{_all_text(exc)}\n{worker_deaths_since(o.started_ms)}", on_image))
+        for row in o.errors:
+            history.keep_if_own(row)
+        memory = history.memory()
+        if memory is not None:
+            log.warning("shard %s attempt %d: out of memory on %s: %s", o.shard.shard_id, o.attempt, on_image, memory[0])
         if o.attempt < self.max_attempts:
             log.warning("shard %s attempt %d failed (%s); retrying", o.shard.shard_id, o.attempt, reason)
             stats.shard_retries += 1
             waiting.appendleft((o.shard, o.attempt + 1))
             return
-        log.error("shard %s failed %d times; recording its images as errors", o.shard.shard_id, o.attempt)
-        o.masks, o.metrics = [], []
-        o.errors = [
-            {"uri": u, "key": k, "shard_id": o.shard.shard_id, "stage": "shard", "attempts": o.attempt,
-             "reason": f"shard failed {o.attempt} times, last: {reason}", "image_fault": False, **self._fingerprints()}
-            for u, k in zip(o.shard.uris, o.shard.keys)
-        ]
+        log.error("shard %s failed %d times; recording its unfinished images as errors", o.shard.shard_id, o.attempt)
+        if memory is not None:
+            log.error("out of memory on %s: %s", ", ".join(sorted(memory[1])) or "an image", MEMORY_FIX)
+        finished = {r["uri"] for r in o.masks}
+        o.metrics = [r for r in o.metrics if r["uri"] in finished]
+        base = {"shard_id": o.shard.shard_id, **self._fingerprints()}
+        o.errors = history.error_rows(o.shard.uris, o.shard.keys, finished, base)
+        del self._histories[o.shard.shard_id]
         self._commit(o, stats)
 
     def _usable_actors(self) -> list[int]:
@@ -378,6 +395,12 @@ def _first_line(text: str) -> str:
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _REASON_MAX = 300
+
+
+def _all_text(exc: BaseException) -> str:
+    """Everything Ray says about a failure: the wrapper and its cause (a worker's exit detail lives in either)."""
+    cause = getattr(exc, "cause", None)
+    return _ANSI_ESCAPE.sub("", f"{exc}\n{cause if cause is not None else ''}")
 
 
 def _failure_reason(exc: BaseException) -> str:

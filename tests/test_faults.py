@@ -9,6 +9,7 @@ its masks are not segmentations, only the bookkeeping is tested.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from segflow.pipeline.config import SegmentConfig
 from segflow.pipeline.reader import read_errors, read_masks
 from segflow.pipeline.verify import verify_output
 from tests.cli import start_segment
-from tests.collection import write_scenes
+from tests.collection import write_scene, write_scenes
 from tests.ray_cluster import ProcessWatcher, RayCluster, descendants, is_alive, process_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,13 +172,16 @@ class TaskKiller(ProcessWatcher):
     """A thread that SIGKILLs each new process whose Ray task title is one of `task_names`.
 
     At most `limit` processes (None: every one, e.g. each restart of an actor that takes the
-    task up again). `killed` lists (pid, title) in order.
+    task up again), each `after_s` seconds after it was first seen on the task. `killed`
+    lists (pid, title) in order.
     """
 
-    def __init__(self, task_names: list[str], limit: int | None = 1, poll_s: float = 0.005):
+    def __init__(self, task_names: list[str], limit: int | None = 1, poll_s: float = 0.005, after_s: float = 0.0):
         super().__init__(poll_s)
         self.titles = {f"ray::{name}" for name in task_names}
         self.limit = limit
+        self.after_s = after_s
+        self.first_seen: dict[int, float] = {}
         self.killed: list[tuple[int, str]] = []
 
     def done(self) -> bool:
@@ -186,6 +190,8 @@ class TaskKiller(ProcessWatcher):
     def poll(self) -> None:
         for pid, title in _processes_titled(self.titles).items():
             if pid not in {p for p, _ in self.killed}:
+                if time.monotonic() - self.first_seen.setdefault(pid, time.monotonic()) < self.after_s:
+                    continue
                 os.kill(pid, signal.SIGKILL)
                 self.killed.append((pid, title))
                 break
@@ -247,8 +253,10 @@ def test_shard_failing_every_attempt_becomes_error_rows_and_the_job_goes_on(ray_
     for e in errors:
         assert (e["stage"], e["attempts"], e["shard_id"]) == ("shard", 2, doomed.shard_id)
         assert e["image_fault"] is False  # the run failed the images, not the other way round: not done
-        # the cause inside Ray's wrapper, in plain text: ActorDiedError or ActorUnavailableError
-        assert re.match(r"shard failed 2 times, last: Actor\w+Error: The actor ", e["reason"]), e["reason"]
+        # Ray reports a SIGKILLed actor with the kernel's OOM killer as the likely cause; without
+        # that, the cause inside Ray's wrapper in plain text (ActorDiedError, ActorUnavailableError)
+        assert re.match(r"(out of memory on this image: |not segmented: its shard failed 2 times because the model actor ran "
+                        r"out of memory on |shard failed 2 times, last: Actor\w+Error: The actor )", e["reason"]), e["reason"]
         assert "\x1b" not in e["reason"]
     masks = read_masks(cfg.output, columns=["uri"]).column("uri").to_pylist()
     assert sorted(masks) == sorted(u for s in plan.shards if s is not doomed for u in s.uris)
@@ -270,4 +278,35 @@ def test_shards_after_a_lost_actor_wait_for_its_restart(ray_local, random_fcn, t
     assert len(killer.killed) == 1
     assert sorted(read_errors(cfg.output, columns=["uri"]).column("uri").to_pylist()) == sorted(doomed.uris)
     assert (stats.masks, stats.errors) == (4, 2)
+    assert verify_output(cfg.output, cfg.input) == []
+
+
+def test_an_actor_killed_on_one_image_names_memory_the_image_and_the_fix_and_keeps_other_reasons(ray_local, random_fcn, tmp_path):
+    """Ray's report of a killed actor names the OOM killer; the rows say so, on the right image, with the fix.
+
+    The shard holds an empty file, then a 2400x1800 photo segmented at full size (seconds on
+    a CPU). Each attempt's actor is SIGKILLed, as the kernel's OOM killer does, 1.5 s into
+    the shard: after it answered for the empty file, while it runs the network on the photo.
+    """
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a_empty.png").write_bytes(b"")
+    big = tmp_path / "in" / "b_photo.png"
+    write_scene(big, 0, (1800, 2400))
+    cfg = _config(tmp_path / "in", tmp_path / "out", dataclasses.replace(random_fcn, working_size="full"), max_shard_attempts=2,
+                  max_shards_in_flight=1, crf_params=(("iterations", 1),))
+    plan = job.plan_stage(cfg, job.list_stage(cfg))
+    (shard,) = plan.shards
+    with TaskKiller([f"infer_shard shard-{shard.shard_id}"], limit=None, after_s=1.5) as killer:
+        stats = job.run_stage(cfg, plan)
+    assert len(killer.killed) == 2
+
+    rows = {Path(e["uri"]).name: e for e in read_errors(cfg.output).to_pylist()}
+    assert set(rows) == {"a_empty.png", "b_photo.png"} and stats.masks == 0
+    # the empty file keeps its own reason: the shard's failure is not laid over it
+    assert rows["a_empty.png"]["image_fault"] is True and "empty" in rows["a_empty.png"]["reason"].lower()
+    photo = rows["b_photo.png"]
+    assert photo["image_fault"] is False  # a rerun, after the fix, retries it
+    assert photo["reason"].startswith("out of memory on this image: the model actor was killed (SIGKILL), most likely by "
+                                      "the kernel's OOM killer (out of memory) while segmenting it, in 2 of 2 attempts;"), photo["reason"]
+    assert "--working-size" in photo["reason"] and "--tiles" in photo["reason"]
     assert verify_output(cfg.output, cfg.input) == []
