@@ -149,9 +149,28 @@ def head_checkpoint_path(name: str) -> Path:
 
 
 def base_location(meta: dict, head_url: str, base: str | None = None) -> str:
-    """The base checkpoint a head-only checkpoint names ("bundled" is this install's), unless `base` overrides it."""
+    """The base checkpoint a head-only checkpoint names, unless `base` overrides it.
+
+    "bundled" means one of the checkpoints bundled with this install: the one whose sha256
+    the head was trained on. A head trained on an earlier bundled model keeps working when
+    a newer default ships beside it (its base stays bundled under another name); without a
+    match it is the default, which `check_base` then refuses in one line.
+    """
     location = base or meta["base"]["checkpoint"]
-    return str(BUNDLED_CHECKPOINT) if location == BUNDLED else location
+    if location != BUNDLED:
+        return location
+    return str(bundled_checkpoint_with_sha256(meta["base"].get("sha256", "")) or BUNDLED_CHECKPOINT)
+
+
+def bundled_checkpoint_with_sha256(sha256: str) -> Path | None:
+    """The complete (not head-only) bundled checkpoint with this sha256, the default model first; None if none."""
+    import hashlib
+
+    others = sorted(p for p in BUNDLED_CHECKPOINT.parent.glob("*.safetensors") if p != BUNDLED_CHECKPOINT)
+    for path in (BUNDLED_CHECKPOINT, *others):
+        if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+            return path
+    return None
 
 
 def check_base(head_url: str, meta: dict, base_url: str, base_sha: str) -> None:

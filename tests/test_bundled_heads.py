@@ -35,3 +35,27 @@ def test_the_dpn_head_is_bundled_and_pinned_to_the_bundled_base():
     assert "fcn8s_resnet18_dpn" in BUNDLED_HEADS
     info = catalog.describe_model(model="fcn8s_resnet18_dpn")
     assert info.meta["base"]["checkpoint"] == "bundled" and info.architecture["head"] == "dpn"
+
+
+def test_a_head_finds_the_bundled_base_it_was_trained_on_beside_a_newer_default(tmp_path, monkeypatch):
+    """"bundled" in a head's metadata means the bundled checkpoint with the head's pinned sha256, default or not."""
+    import hashlib
+    import shutil
+
+    meta = catalog.describe_model(model="fcn8s_resnet18_dpn").meta
+    pinned = meta["base"]["sha256"]
+    found = catalog.bundled_checkpoint_with_sha256(pinned)
+    assert found is not None and hashlib.sha256(found.read_bytes()).hexdigest() == pinned
+    assert catalog.base_location(meta, "head") == str(found)
+
+    # Another bundle whose default is not the head's base: the base is found under its other name;
+    # with no bundled file of that sha256, the default is named (and check_base refuses it).
+    bundle = tmp_path / "bundled"
+    bundle.mkdir()
+    default = bundle / catalog.BUNDLED_CHECKPOINT.name
+    default.write_bytes(b"not the head's base")
+    shutil.copy(found, bundle / "camvid_fcn8s_resnet18_old.safetensors")
+    monkeypatch.setattr(catalog, "BUNDLED_CHECKPOINT", default)
+    assert catalog.base_location(meta, "head") == str(bundle / "camvid_fcn8s_resnet18_old.safetensors")
+    (bundle / "camvid_fcn8s_resnet18_old.safetensors").unlink()
+    assert catalog.base_location(meta, "head") == str(default)

@@ -1,10 +1,13 @@
-"""Refactors change no result: the bundled model's masks and fingerprints are milestone 1's.
+"""Refactors change no result: milestone 1's bundled model still gives milestone 1's masks and fingerprints.
 
 tests/fixtures/milestone1_masks.json was written by segflow at ac3ba4b (before the
 refinement registry, the configuration model and the package moves) from
 `segflow segment` on samples/street and on the first 20 CamVid val images. Every mask,
 raw mask and fingerprint must come out byte-identical, and an OUTPUT written then must
-still be up to date.
+still be up to date. The model is milestone 1's bundled checkpoint, found by its sha256
+among the bundled files: once a retrained default shipped, it stayed bundled beside it
+(the DPN head was trained on it), and a checkpoint's fingerprint is its content's, not
+its path's.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from segflow.models.catalog import bundled_checkpoint_with_sha256
 from segflow.pipeline import job
-from segflow.pipeline.config import SegmentConfig
+from segflow.pipeline.config import ModelRef, SegmentConfig
 from segflow.pipeline.listing import list_inputs
 from segflow.pipeline.reader import read_masks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "street"
 EXPECTED = json.loads((FIXTURES / "milestone1_masks.json").read_text())["outputs"]
+MILESTONE1_SHA256 = "b780e20ccf6c7cf52806d451b868c4e8fd8860f803cc34909a1af84a46160254"
+assert bundled_checkpoint_with_sha256(MILESTONE1_SHA256) is not None, "milestone 1's bundled model is missing"
+MILESTONE1_MODEL = ModelRef(checkpoint=str(bundled_checkpoint_with_sha256(MILESTONE1_SHA256)))
 
 
 def _results(output: Path) -> dict:
@@ -44,7 +51,7 @@ def _results(output: Path) -> dict:
 
 
 def _segment(input: str, output: Path) -> None:
-    summary = job.run_segment(SegmentConfig(input=input, output=str(output), device="cpu", progress=False))
+    summary = job.run_segment(SegmentConfig(input=input, output=str(output), model=MILESTONE1_MODEL, device="cpu", progress=False))
     assert summary.errors == 0
 
 
@@ -76,7 +83,7 @@ def test_an_output_written_by_milestone_1_has_nothing_to_do(tmp_path):
             index = table.schema.get_field_index(column)
             table = table.set_column(index, table.schema.field(column), pa.array([current[n][i] for n in names], pa.string()))
         pq.write_table(table, path)
-    cfg = SegmentConfig(input=str(SAMPLES), output=str(output), device="cpu", progress=False)
+    cfg = SegmentConfig(input=str(SAMPLES), output=str(output), model=MILESTONE1_MODEL, device="cpu", progress=False)
     plan = job.plan_stage(cfg, job.list_stage(cfg))
     assert plan.images_total == 4
     assert plan.up_to_date == 4 and not plan.shards, plan.describe()
