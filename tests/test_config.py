@@ -12,6 +12,7 @@ from segflow.flows.cli import build_parser
 from segflow.flows.commands.options import apply_config_file, config_from_args
 from segflow.models.catalog import describe_model
 from segflow.models.crf import REFINEMENTS, resolve_refinement
+from segflow.models.crf.dense import CRFParams
 from segflow.pipeline import job
 from segflow.pipeline.config import SegmentConfig
 
@@ -85,7 +86,8 @@ def test_no_crf_is_a_synonym_of_crf_none():
 def test_one_crf_flag_overrides_only_itself_and_keeps_the_checkpoints_other_tuned_values(tmp_path):
     """The bug of milestone 1: one --crf-* flag replaced every tuned value with DeepLab's defaults."""
     tuned = describe_model(None, None, None, None, 0).meta["crf"]
-    assert tuned["bilateral_sxy"] != 80.0  # the bundled checkpoint's tuned values differ from the defaults
+    # the bundled checkpoint's tuned values differ from the defaults (bilateral_compat 5, not 10)
+    assert tuned != asdict(CRFParams())
     args = _parse("segment", str(tmp_path), str(tmp_path / "out"), "--crf-iterations", "7")
     cfg = config_from_args(args, str(tmp_path), str(tmp_path / "out"))
     (tmp_path / "a.png").write_bytes(b"")
