@@ -24,6 +24,7 @@ from segflow.pipeline.reader import read_errors, read_masks
 from segflow.pipeline.verify import verify_output
 from tests.cli import start_segment
 from tests.collection import write_scene, write_scenes
+from tests.prefect_home import fresh_prefect_home
 from tests.ray_cluster import ProcessWatcher, RayCluster, descendants, is_alive, process_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_rerun_after_driver_sigkill_commits_only_the_missing_shards(tmp_path):
     # Ray daemons that only this test owns, and stops them at the end.
     cluster = RayCluster()
     # A Prefect home of its own: the CLI's ephemeral Prefect API keeps its database there.
-    env = {k: v for k, v in cluster.env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {k: v for k, v in cluster.env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect"))}
     try:
         cluster.start_head(num_cpus=2)
         command = _segment_command(tmp_path / "in", out, cluster.address)

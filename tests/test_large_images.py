@@ -32,7 +32,7 @@ def _random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 # --- stripe-wise upsampling ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(45, 60, 360, 480), (47, 61, 7000, 9000), (13, 17, 1000, 1337), (96, 128, 3000, 4000), (1, 5, 300, 400)])
+@pytest.mark.parametrize("shape", [(45, 60, 360, 480), (47, 61, 1700, 2300), (13, 17, 1000, 1337), (96, 128, 3000, 4000), (1, 5, 300, 400)])
 def test_stripe_wise_upsampling_equals_one_shot_upsampling_exactly(shape):
     h, w, height, width = shape
     x = torch.randn(11, h, w, generator=torch.Generator().manual_seed(0)) * 5

@@ -21,6 +21,7 @@ from segflow.pipeline.lock import LEASE_NAME, OutputBusyError, output_lock
 from segflow.pipeline.verify import verify_output
 from tests.cli import RANDOM_FCN_FLAGS
 from tests.collection import write_scenes
+from tests.prefect_home import fresh_prefect_home
 from tests.ray_cluster import RayCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_two_cli_runs_into_one_output_take_turns(tmp_path):
         command = [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path / "in"), str(tmp_path / "out"),
                    "--shard-size", "2", "--ray-address", cluster.address, *RANDOM_FCN_FLAGS,
                    "--crf-iterations", "4000"]  # 48x64 images: ~2 s each, so the first run still holds the lock while the second starts (~10 s)
-        home = {"PREFECT_HOME": str(tmp_path / f"prefect-{log.stem}")}
+        home = {"PREFECT_HOME": str(fresh_prefect_home(tmp_path / f"prefect-{log.stem}"))}
         return subprocess.Popen(command, env=env | home, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
 
     try:

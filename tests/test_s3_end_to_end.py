@@ -35,6 +35,7 @@ from segflow.errors import StorageError
 from segflow.pipeline.reader import output_metadata, read_errors, read_masks, read_metrics
 from segflow.pipeline.storage import read_bytes
 from segflow.pipeline.verify import verify_output
+from tests.prefect_home import fresh_prefect_home
 from tests.s3_fixtures import FAKE_KEY
 
 SEGFLOW = Path(sys.executable).with_name("segflow")  # the installed console script
@@ -216,7 +217,7 @@ def _cli(*args: str, prefect_home: Path, env: dict | None = None) -> subprocess.
     The CLI runs its job as a Prefect flow on a temporary API server, whose database (flow
     run parameters, logs, artifacts) lands in `prefect_home`.
     """
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), **(env or {})}
+    env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(prefect_home)), **(env or {})}
     return subprocess.Popen([str(SEGFLOW), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 

@@ -21,6 +21,7 @@ import pytest
 from segflow.pipeline.reader import read_errors, read_masks
 from tests.cli import RANDOM_FCN_FLAGS
 from tests.collection import write_scenes
+from tests.prefect_home import fresh_prefect_home
 
 SHADOWED = ("models", "pipeline", "flows")
 
@@ -39,7 +40,7 @@ def user_project(tmp_path) -> Path:
 
 
 def _env(prefect_home: Path) -> dict:
-    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(prefect_home)}
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(fresh_prefect_home(prefect_home))}
 
 
 def test_the_cli_from_a_user_folder_gives_every_image_a_mask(user_project, tmp_path):
