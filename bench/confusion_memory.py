@@ -1,18 +1,23 @@
-"""The driver's memory for evaluation rows at ADE20K's 150 classes: dense vs sparse confusion matrices.
+"""The driver's memory for evaluation rows at ADE20K's 150 classes: dense vs sparse rows, and K's share.
 
     python bench/confusion_memory.py --images 200 --json confusion-memory.json
+    python bench/confusion_memory.py --images 200 --classes 11 --scene-classes 11   # the same scenes ...
+    python bench/confusion_memory.py --images 200 --classes 150 --scene-classes 11  # ... at K = 11 and 150
 
 Why: the driver keeps every metrics row of a shard until the shard commits. Each row holds
-four confusion matrices (raw and CRF, whole image and trimap band); dense, that is 4 x 150^2
-= 90,000 integers per image. Sparse (pipeline/evaluation/sparse.py), it is the nonzero
-cells only.
+four confusion matrices (raw and CRF, whole image and trimap band) and, per variant, five
+per-class lists (IoU, four boundary counts). Dense, that is 4 x 150^2 = 90,000 integers plus
+10 x 150 values per image. Sparse (pipeline/evaluation/sparse.py), it is the nonzero cells
+and the classes the image holds only, so a row no longer grows with K: the two runs with
+`--scene-classes 11` score identical scenes over 11 and over 150 classes, and their sparse
+forms should need the same memory.
 
-The rows are real `image_metrics` rows (K = 150, void 255) of synthetic 480x360 scenes:
-10-20 classes out of 150 per image, in regions (a Voronoi partition, void on region edges);
-the raw prediction moves the region edges by ~8 px and gives 3 regions a wrong class, the
-CRF one ~4 px and 1 region. They are computed once here, then pickled one by one to a file
-in each form ("dense": the lists older segflow stored; "sparse": today's), as Ray hands
-results to the driver.
+The rows are real `image_metrics` rows (void 255) of synthetic 480x360 scenes: 10-20
+classes (out of the first `--scene-classes`, by default all K) per image, in regions (a
+Voronoi partition, void on region edges); the raw prediction moves the region edges by
+~8 px and gives 3 regions a wrong class, the CRF one ~4 px and 1 region. They are computed
+once here, then pickled one by one to a file in each form ("dense": the lists older
+segflow stored; "sparse": today's), as Ray hands results to the driver.
 
 Each form is measured in its own fresh interpreter, which does what the driver does with
 an evaluation's rows: it unpickles them one at a time into the lists of the shards in
@@ -46,13 +51,18 @@ MIB = 1024 * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
+    global K
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--shard-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=K, help="K, the label set's size (default: ADE20K's 150)")
+    p.add_argument("--scene-classes", type=int, help="draw each scene's classes from the first N only (default: all K); "
+                   "the same N at two --classes values gives the same scenes, so only K differs")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    K = args.classes
     if args.child:
         print(json.dumps(_drive(json.loads(args.child))))
         return 0
@@ -62,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     rows = [{"uri": f"img{i:05d}.png", "label_uri": f"img{i:05d}.label.png", "shard_id": "",
-             **image_metrics(*_scene(rng), K, VOID)} for i in range(args.images)]
+             **image_metrics(*_scene(rng, args.scene_classes or K), K, VOID)} for i in range(args.images)]
     seconds_rows = time.perf_counter() - t0
     cells = [len(r[f"{m}_cells"]) for r in rows for m in MATRICES]
     result = {"images": args.images, "classes": K, "image_size": f"{WIDTH}x{HEIGHT}", "shard_size": args.shard_size,
               "nonzero_cells_per_matrix": {"mean": round(float(np.mean(cells)), 1), "max": int(max(cells))},
               "seconds_computing_rows": round(seconds_rows, 1)}
     matrix_values = {"dense": 4 * K * K, "sparse": 2 * float(np.mean(cells)) * len(MATRICES)}
+    held = [len(r[f"{v}_classes"]) for r in rows for v in ("raw", "crf")]
+    per_class_values = {"dense": 10 * K, "sparse": 2 * 6 * float(np.mean(held))}  # per variant: classes, IoU, 4 counts
     with tempfile.TemporaryDirectory(prefix="segflow-confusion-memory-") as tmp:
         for form, convert in (("dense", lambda r: dense_row(r, K)), ("sparse", lambda r: r)):
             path = Path(tmp) / f"{form}.pickles"
@@ -81,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(child.stderr)
                 raise SystemExit(f"the {form} child failed (exit status {child.returncode})")
             result[form] = json.loads(child.stdout.strip().splitlines()[-1])
-            # integers and floats in a row's lists: its matrices, and per-class lists (IoU, boundary counts) of K each
-            result[form]["list_values_per_row"] = {"matrices": round(matrix_values[form]), "per_class": 10 * K}
+            # integers and floats in a row's lists: its matrices, and its per-class lists (IoU, boundary counts)
+            result[form]["list_values_per_row"] = {"matrices": round(matrix_values[form]), "per_class": round(per_class_values[form])}
             path.unlink()
     dense, sparse = result["dense"], result["sparse"]
     if dense.pop("summary_sha256") != sparse.pop("summary_sha256"):
@@ -100,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(label, raw prediction, CRF prediction), (H, W) int class maps; see the module docstring."""
-    n = int(rng.integers(10, 21))
-    classes = rng.choice(K, n, replace=False)
+def _scene(rng: np.random.Generator, pool: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label, raw prediction, CRF prediction), (H, W) int class maps; see the module docstring.
+
+    Classes come from the first `pool` of the K; with fewer than 10 there, every one of them.
+    """
+    n = min(int(rng.integers(10, 21)), pool)
+    classes = rng.choice(pool, n, replace=False)
     seeds = rng.uniform((0, 0), (HEIGHT, WIDTH), (3 * n, 2)).astype(np.float32)
     seed_class = np.concatenate([classes, rng.choice(classes, 2 * n)])
     label = _regions(seeds, seed_class).astype(np.int64)
@@ -112,7 +127,7 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
     def predicted(jitter: float, wrong: int) -> np.ndarray:
         cls = seed_class.copy()
         for i in rng.choice(len(cls), wrong, replace=False):  # a region's class mistaken, for one present or not
-            cls[i] = rng.choice(classes) if rng.random() < 0.5 else rng.integers(K)
+            cls[i] = rng.choice(classes) if rng.random() < 0.5 else rng.integers(pool)
         return _regions(seeds + rng.normal(0, jitter, seeds.shape).astype(np.float32), cls)
 
     return label, predicted(8.0, 3), predicted(4.0, 1)

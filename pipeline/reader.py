@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from segflow.pipeline.commit import ERRORS, MASKS, METRICS, metrics_schema
-from segflow.pipeline.evaluation.sparse import MATRICES, dense_column, legacy_fields, upgrade
+from segflow.pipeline.evaluation.sparse import MATRICES, dense_column, legacy_fields, legacy_per_class_fields, per_class_fields, upgrade
 from segflow.pipeline.history import hidden_rows
 from segflow.pipeline.masks import decode_mask
 from segflow.pipeline.schema import ERRORS_SCHEMA, MASKS_SCHEMA, image_fault
@@ -66,8 +66,9 @@ def read_metrics(output: str, columns: list[str] | None = None, storage_options:
     """The metrics table (evaluate; columns in `commit.metrics_schema`), confusion matrices sparse.
 
     Each matrix m (`raw_confusion`, `raw_trimap_confusion`, `crf_confusion`,
-    `crf_trimap_confusion`) is the pair m_cells, m_counts (evaluation/sparse.py), rows of
-    outputs written before that form included. Name m itself in `columns` to get it as the
+    `crf_trimap_confusion`) is the pair m_cells, m_counts (evaluation/sparse.py), and each
+    variant's per-class lists are over its `<variant>_classes`, rows of outputs written
+    before those forms included. Name m itself in `columns` to get it as the
     dense K*K row-major list older versions stored, built from either form.
     """
     paths = committed_files(output, METRICS, storage_options)
@@ -83,8 +84,8 @@ def read_metrics(output: str, columns: list[str] | None = None, storage_options:
     dataset = _current(ds.dataset(paths, schema=schema, filesystem=fs, format="parquet"), output, storage_options)
     dense = [m for m in MATRICES if columns is not None and m in columns]
     table = upgrade(dataset.to_table(columns=None if columns is None else _metrics_sources(columns)))
-    for m in dense:  # K per row: the length of its per-class lists
-        k = pc.list_value_length(table.column(_per_class(m)))
+    for m in dense:  # K per row: its num_classes (upgrade fills it in for older rows)
+        k = table.column("num_classes")
         table = table.append_column(m, dense_column(table.column(f"{m}_cells"), table.column(f"{m}_counts"), k))
     return table.select(columns) if columns is not None else table
 
@@ -134,12 +135,15 @@ def _metrics_sources(columns: list[str]) -> list[str]:
     matrices = [m for m in MATRICES if any(c == m or c.startswith(f"{m}_") for c in columns)]
     sources = [c for c in columns if c not in MATRICES]
     for m in matrices:
-        sources += [f"{m}_cells", f"{m}_counts", m] + ([_per_class(m)] if m in columns else [])
+        sources += [f"{m}_cells", f"{m}_counts", m] + (["num_classes", _per_class(m)] if m in columns else [])
+    for v in ("raw", "crf"):  # a variant's per-class lists, or K: both forms (older rows' K is their lists' length)
+        if any(c == f"{v}_classes" or c.startswith(f"{v}_class_") or c == "num_classes" for c in columns):
+            sources += ["num_classes", *(f.name for f in per_class_fields(v)), *(f.name for f in legacy_per_class_fields(v))]
     return list(dict.fromkeys(sources))
 
 
 def _per_class(matrix: str) -> str:
-    """A per-class list of the matrix's variant: its length is the row's K."""
+    """An older output's K-long per-class list of the matrix's variant: its length is the row's K."""
     return f"{matrix.split('_')[0]}_boundary_gt"
 
 

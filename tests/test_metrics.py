@@ -20,7 +20,7 @@ from segflow.pipeline.config import LabelPairing
 from segflow.errors import InputError, LabelError
 from segflow.pipeline.evaluation.groundtruth import decode_label
 from segflow.pipeline.evaluation.metrics import MetricTotals, aggregate, boundary_f1, image_metrics, metric_schema
-from segflow.pipeline.evaluation.sparse import to_dense
+from segflow.pipeline.evaluation.sparse import dense_row, to_dense
 from segflow.pipeline.schema import MASKS_SCHEMA
 from segflow.pipeline.evaluation.summary import summarise_metrics
 
@@ -116,7 +116,7 @@ def test_camvid_perfect_prediction_scores_one(camvid_labels):
     perfect = np.where(lab == VOID_CAMVID, 0, lab)
     row = image_metrics(lab, perfect, None, K_CAMVID, VOID_CAMVID)
     assert row["raw_miou"] == row["raw_pixel_accuracy"] == row["raw_bf"] == 1.0
-    counts = [row[f"raw_boundary_{name}"] for name in ("pred", "pred_matched", "gt", "gt_matched")]
+    counts = [dense_row(row, K_CAMVID)[f"raw_boundary_{name}"] for name in ("pred", "pred_matched", "gt", "gt_matched")]
     assert all(c == counts[0] for c in counts) and sum(counts[0]) > 0
     assert row["crf_confusion_cells"] is None and row["crf_confusion_counts"] is None and row["crf_miou"] is None
 
@@ -181,7 +181,8 @@ def test_void_creates_no_boundary():
     gt[1:3, 0:2] = 9
     pred = np.where(gt == 9, 0, gt)  # the prediction has no void; its 0|1 edge runs along the void column
     row = image_metrics(gt, pred, None, num_classes=2, ignore_index=9, tolerance=0, trimap_width=2)
-    assert row["raw_boundary_gt"] == row["raw_boundary_pred"] == [0, 0]
+    assert row["raw_class_boundary_gt"] == row["raw_class_boundary_pred"] == [0, 0]  # both classes held, no edge
+    assert dense_row(row, 2)["raw_boundary_gt"] == [0, 0]
     assert row["raw_bf"] is None  # nothing to judge, not 0 and not 1
     assert dense(row, "raw_trimap_confusion", 2) == [0, 0, 0, 0]
 
@@ -231,7 +232,8 @@ def test_absent_classes_are_reported_absent_not_zero():
     gt = np.array([[0, 0, 1, 1]] * 4)
     pred = np.array([[0, 2, 1, 1]] * 4)  # class 2 only predicted (IoU 0), class 3 nowhere (absent)
     row = image_metrics(gt, pred, pred, num_classes=4, ignore_index=None)
-    assert row["raw_iou"] == [0.5, 1.0, 0.0, None]
+    assert row["raw_classes"] == [0, 1, 2] and row["raw_class_iou"] == [0.5, 1.0, 0.0]  # class 3 is nowhere: not listed
+    assert dense_row(row, 4)["raw_iou"] == [0.5, 1.0, 0.0, None]
     summary = aggregate(rows_table([row]))
     assert summary["raw"]["per_class"]["iou"][3] is None and summary["raw"]["absent"] == [3]
     assert summary["raw"]["per_class"]["iou"][2] == 0.0

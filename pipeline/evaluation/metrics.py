@@ -7,8 +7,9 @@ Rows are ground truth, columns are predictions.
 The flow for `segflow evaluate`: the engine calls `image_metrics` once per image and writes
 its dict as one Parquet row (types in `metric_schema`); `MetricTotals` (or `aggregate`) sums
 the count columns of any number of rows and derives every dataset score from the sums.
-A row's confusion matrices are stored sparse, as their nonzero cells (`sparse.py` says why);
-rows of older outputs, dense, are summed alike.
+A row's confusion matrices are stored sparse, as their nonzero cells, and its per-class lists
+over the classes the image holds, not all K (`sparse.py` says why); rows of older outputs,
+dense, are summed alike.
 A class absent from both ground truth and prediction has no score: it is None (null in
 Parquet and JSON), never 0 or 1.
 """
@@ -23,7 +24,15 @@ import pyarrow.compute as pc
 
 from segflow.pipeline.evaluation.boundary import COUNT_NAMES, GT, GT_MATCHED, PRED, PRED_MATCHED, boundary_counts, trimap_band
 from segflow.errors import LabelError
-from segflow.pipeline.evaluation.sparse import cells_and_counts, legacy_fields, sparse_fields, sum_cells
+from segflow.pipeline.evaluation.sparse import (
+    cells_and_counts,
+    legacy_fields,
+    per_class_fields,
+    row_classes,
+    sparse_fields,
+    sum_cells,
+    sum_per_class,
+)
 from segflow.models.scores import (  # noqa: F401  (re-exported: the metric kernels' historical home)
     confusion_matrix,
     frequency_weighted_iou,
@@ -62,20 +71,23 @@ def metric_schema() -> pa.Schema:
     (rows = ground truth) as the row-major indices of its nonzero cells and their pixel counts
     (`sparse.py`); v_trimap_confusion_cells and _counts the same restricted to the trimap band;
     v_pixel_accuracy, v_miou, v_bf float64 (per-image, for ranking and browsing only);
-    v_iou list<float64> (K, null = class absent from both sides);
-    v_boundary_pred, v_boundary_pred_matched, v_boundary_gt, v_boundary_gt_matched list<int64> (K).
+    v_classes list<int32>: the classes this image's valid ground truth or its v mask holds,
+    ascending; the per-class lists below have one value per class in it (`sparse.py`):
+    v_class_iou list<float64>; v_class_boundary_pred, v_class_boundary_pred_matched,
+    v_class_boundary_gt, v_class_boundary_gt_matched list<int64>. A class not in v_classes
+    has IoU None (absent from both sides) and no boundary pixels.
+    num_classes int32: K, once per row (null on rows without a score).
     """
-    fields = []
+    fields = [pa.field("num_classes", pa.int32())]
     for v in VARIANTS:
         fields += [
             *sparse_fields(f"{v}_confusion"),
             *sparse_fields(f"{v}_trimap_confusion"),
             pa.field(f"{v}_pixel_accuracy", pa.float64()),
             pa.field(f"{v}_miou", pa.float64()),
-            pa.field(f"{v}_iou", pa.list_(pa.float64())),
             pa.field(f"{v}_bf", pa.float64()),
+            *per_class_fields(v),
         ]
-        fields += [pa.field(f"{v}_boundary_{name}", pa.list_(pa.int64())) for name in COUNT_NAMES]
     return pa.schema(fields)
 
 
@@ -85,8 +97,10 @@ def count_columns() -> list[str]:
     The dense confusion columns of older outputs are among them (`count_types` has their types).
     """
     matrices = [f.name for v in VARIANTS for m in ("confusion", "trimap_confusion") for f in sparse_fields(f"{v}_{m}")]
-    boundary = [f"{v}_boundary_{c}" for v in VARIANTS for c in COUNT_NAMES]
-    return [*matrices, *(f.name for f in legacy_fields()), *boundary]
+    boundary = [f"{v}_class_boundary_{c}" for v in VARIANTS for c in COUNT_NAMES]
+    classes = [f"{v}_classes" for v in VARIANTS]
+    legacy = [f.name for f in legacy_fields() if not f.name.endswith("_iou")]
+    return ["num_classes", *matrices, *classes, *boundary, *legacy]
 
 
 def count_types() -> dict[str, pa.DataType]:
@@ -124,7 +138,7 @@ def image_metrics(
     if ignore_index is not None:
         valid &= label != ignore_index
     band = trimap_band(label, valid, trimap_width)
-    row: dict = {}
+    row: dict = {"num_classes": num_classes}
     for variant, pred in preds.items():
         if pred is None:
             row.update({f.name: None for f in metric_schema() if f.name.startswith(variant + "_")})
@@ -137,10 +151,13 @@ def image_metrics(
             row[f"{variant}_{name}_cells"], row[f"{variant}_{name}_counts"] = cells_and_counts(matrix)
         row[f"{variant}_pixel_accuracy"] = _number(pixel_accuracy(confusion))
         row[f"{variant}_miou"] = _number(mean_iou(confusion))
-        row[f"{variant}_iou"] = _numbers(per_class_iou(confusion))
         row[f"{variant}_bf"] = _number(_nanmean(boundary_f1(counts)[2]))
+        # every class with a pixel on either side (valid pixels only, as the counts are)
+        classes = np.flatnonzero(confusion.sum(0) + confusion.sum(1) + counts.sum(0))
+        row[f"{variant}_classes"] = classes.tolist()
+        row[f"{variant}_class_iou"] = _numbers(per_class_iou(confusion)[classes])
         for i, name in enumerate(COUNT_NAMES):
-            row[f"{variant}_boundary_{name}"] = counts[i].tolist()
+            row[f"{variant}_class_boundary_{name}"] = counts[i][classes].tolist()
     return row
 
 
@@ -176,7 +193,7 @@ class MetricTotals:
             if not n:
                 continue
             variant = key.split("_")[0]
-            k = self._classes(_column(batch, f"{variant}_boundary_gt").filter(rows))
+            k = self._classes(batch, variant, rows)
             self.images[key] += n
             zeros = {"confusion": (k, k), "trimap_confusion": (k, k), "boundary": (4, k)}
             sums = self.sums.setdefault(key, {name: np.zeros(shape, np.int64) for name, shape in zeros.items()})
@@ -189,8 +206,15 @@ class MetricTotals:
                                             _column(batch, f"{column}_counts").filter(as_cells), k, column).reshape(k, k)
                 if pc.any(as_dense).as_py():
                     sums[name] += _sum_lists(batch, column, as_dense, k * k).reshape(k, k)
+            per_class = pc.and_(rows, _valid(batch, f"{variant}_classes"))
+            per_class_dense = pc.and_(rows, pc.invert(_valid(batch, f"{variant}_classes")))
             for i, name in enumerate(COUNT_NAMES):
-                sums["boundary"][i] += _sum_lists(batch, f"{variant}_boundary_{name}", rows, k)
+                if pc.any(per_class).as_py():
+                    sums["boundary"][i] += sum_per_class(_column(batch, f"{variant}_classes").filter(per_class),
+                                                         _column(batch, f"{variant}_class_boundary_{name}").filter(per_class),
+                                                         k, f"{variant}_class_boundary_{name}")
+                if pc.any(per_class_dense).as_py():
+                    sums["boundary"][i] += _sum_lists(batch, f"{variant}_boundary_{name}", per_class_dense, k)
 
     def merge(self, other: "MetricTotals") -> None:
         """Add another worker's totals into these."""
@@ -219,11 +243,11 @@ class MetricTotals:
             "delta": _delta(crf, paired) if crf and paired else None,
         }
 
-    def _classes(self, per_class: pa.Array) -> int:
-        """K of the scored rows, from the length of a per-class list (the same in both matrix forms)."""
-        lengths = pc.unique(pc.list_value_length(per_class)).to_pylist()
+    def _classes(self, batch: pa.RecordBatch | pa.Table, variant: str, rows: pa.Array) -> int:
+        """K of the scored rows: their `num_classes`, or in older outputs the length of their dense per-class lists."""
+        lengths = pc.unique(row_classes(batch, variant).filter(rows)).to_pylist()
         if len(lengths) != 1 or lengths[0] is None:
-            raise ValueError(f"per-class lists have lengths {lengths}; each scored row must have one of K counts")
+            raise ValueError(f"scored rows say {lengths} classes; each scored row must say K (num_classes, or K per-class counts)")
         k = lengths[0]
         if self.num_classes not in (None, k):
             raise ValueError(f"rows hold {k}x{k} confusion matrices but earlier rows (or the label set) say "

@@ -15,14 +15,22 @@ The form, for each matrix column m in `MATRICES`:
                             cells, ascending
     m_counts   list<int64>  the pixels in each of those cells (each > 0)
 
-Both are null where the matrix does not exist (the CRF did not run, an error row). K is not
-repeated per row: it is the length of the row's per-class lists (`<variant>_boundary_gt`).
+Both are null where the matrix does not exist (the CRF did not run, an error row).
 
-Outputs written before this form hold m itself, dense (list<int64> of K*K, row-major;
-`legacy_fields`). Readers take either form, row by row: `MetricTotals` sums both,
-`upgrade` turns a table's dense columns into this form (rescoring rewrites old files with
-it, `reader.read_metrics` returns it), and `dense_column` gives the dense list back to a
-caller that asks for m by name.
+The per-class lists (IoU and the four boundary counts, per variant v) are stored the same
+way, over the classes the image holds rather than all K: `v_classes` (list<int32>, the
+classes with a valid ground-truth or predicted pixel, ascending) and `v_class_iou`,
+`v_class_boundary_<count>` with one value per class in it. A class outside v_classes has no
+IoU and no boundary pixels, so nothing is lost. K is the row's `num_classes`. With K-long
+lists, 10 x K values per image remained (1,500 at 150 classes); now the row grows with what
+the image holds only, so the driver's memory for the rows in flight no longer grows with K.
+
+Outputs written before these forms hold m itself, dense (list<int64> of K*K, row-major),
+and K-long lists `v_iou`, `v_boundary_<count>` (`legacy_fields`; K was their length).
+Readers take either form, row by row: `MetricTotals` sums both, `upgrade` turns a table's
+dense columns into this form (rescoring rewrites old files with it, `reader.read_metrics`
+returns it), and `dense_column` gives the dense matrix back to a caller that asks for m
+by name.
 """
 
 from __future__ import annotations
@@ -33,9 +41,13 @@ import pyarrow.compute as pc
 
 # metrics.VARIANTS x (whole image, trimap band); the dense column names of older outputs
 MATRICES = ("raw_confusion", "raw_trimap_confusion", "crf_confusion", "crf_trimap_confusion")
+VARIANTS = ("raw", "crf")
+COUNT_NAMES = ("pred", "pred_matched", "gt", "gt_matched")  # boundary.COUNT_NAMES (this module imports nothing of segflow's)
 CELLS_TYPE = pa.list_(pa.int32())  # K up to 46,340 fits; masks hold at most 256 classes
 COUNTS_TYPE = pa.list_(pa.int64())
 DENSE_TYPE = pa.list_(pa.int64())
+CLASSES_TYPE = pa.list_(pa.int32())
+SCORES_TYPE = pa.list_(pa.float64())
 
 
 def sparse_fields(matrix: str) -> list[pa.Field]:
@@ -43,31 +55,90 @@ def sparse_fields(matrix: str) -> list[pa.Field]:
     return [pa.field(f"{matrix}_cells", CELLS_TYPE), pa.field(f"{matrix}_counts", COUNTS_TYPE)]
 
 
+def per_class_fields(variant: str) -> list[pa.Field]:
+    """The Parquet fields of a variant's per-class lists: its classes, then one value per class in each list."""
+    return [pa.field(f"{variant}_classes", CLASSES_TYPE), pa.field(f"{variant}_class_iou", SCORES_TYPE),
+            *(pa.field(f"{variant}_class_boundary_{c}", COUNTS_TYPE) for c in COUNT_NAMES)]
+
+
+def legacy_per_class_fields(variant: str) -> list[pa.Field]:
+    """A variant's K-long per-class lists in outputs written before the sparse form."""
+    return [pa.field(f"{variant}_iou", SCORES_TYPE), *(pa.field(f"{variant}_boundary_{c}", COUNTS_TYPE) for c in COUNT_NAMES)]
+
+
 def legacy_fields() -> list[pa.Field]:
-    """The dense matrix fields of outputs written before the sparse form (read, never written)."""
-    return [pa.field(m, DENSE_TYPE) for m in MATRICES]
+    """The dense fields of outputs written before the sparse forms (read, never written)."""
+    return [*(pa.field(m, DENSE_TYPE) for m in MATRICES), *(f for v in VARIANTS for f in legacy_per_class_fields(v))]
+
+
+def row_classes(table: pa.Table | pa.RecordBatch, variant: str) -> pa.Array:
+    """Each row's K (int64, null where unknown): its `num_classes`, or in older outputs the length of its dense lists."""
+    n = table.num_rows
+    own = _combined(table.column("num_classes")).cast(pa.int64()) if "num_classes" in table.schema.names else pa.nulls(n, pa.int64())
+    legacy = f"{variant}_boundary_gt"
+    if legacy not in table.schema.names or pa.types.is_null(table.schema.field(legacy).type):
+        return own
+    return pc.coalesce(own, pc.list_value_length(_combined(table.column(legacy))).cast(pa.int64()))
+
+
+def sum_per_class(classes: pa.Array, values: pa.Array, num_classes: int, what: str = "") -> np.ndarray:
+    """Sum many rows' per-class lists over their classes (no nulls) -> (K,) int64, exact."""
+    classes, values = _combined(classes).cast(CLASSES_TYPE), _combined(values).cast(COUNTS_TYPE)
+    if classes.null_count or values.null_count:
+        raise ValueError(f"{what}: every scored row needs its classes and values (found nulls)")
+    if pc.any(pc.not_equal(pc.list_value_length(classes), pc.list_value_length(values))).as_py():
+        raise ValueError(f"{what}: a row's classes and values differ in length")
+    index = _values(classes)
+    if index.size and (index.min() < 0 or index.max() >= num_classes):
+        raise ValueError(f"{what}: class {int(index.max())} lies outside {num_classes} classes; "
+                         "were runs with different label sets written to one output?")
+    out = np.zeros(num_classes, np.int64)
+    np.add.at(out, index, _values(values))
+    return out
 
 
 def dense_schema(schema: pa.Schema) -> pa.Schema:
-    """`schema` with each matrix's cells and counts replaced by its dense column: the metrics
-    schema of outputs written before the sparse form (tests and bench/ write such files)."""
+    """`schema` in the form older outputs wrote: each matrix's cells and counts replaced by
+    its dense column, each variant's per-class lists by K-long ones, no `num_classes`
+    (tests and bench/ write such files)."""
     fields = []
     for f in schema:
         matrix = f.name.removesuffix("_cells")
+        variant = f.name.removesuffix("_classes")
         if matrix in MATRICES:
             fields.append(pa.field(matrix, DENSE_TYPE))
-        elif not (f.name.endswith("_counts") and f.name.removesuffix("_counts") in MATRICES):
+        elif variant in VARIANTS:
+            fields += legacy_per_class_fields(variant)
+        elif f.name != "num_classes" and not _is_sparse_part(f.name):
             fields.append(f)
     return pa.schema(fields, metadata=schema.metadata)
 
 
 def dense_row(row: dict, num_classes: int) -> dict:
-    """A metrics row with its matrices as dense K*K lists, as older outputs stored them."""
-    out = {name: value for name, value in row.items() if name.removesuffix("_cells").removesuffix("_counts") not in MATRICES}
+    """A metrics row as older outputs stored it: dense K*K matrices, K-long per-class lists."""
+    out = {name: value for name, value in row.items() if name != "num_classes" and not _is_sparse_part(name)
+           and name.removesuffix("_classes") not in VARIANTS}
     for m in MATRICES:
         cells = row.get(f"{m}_cells")
         out[m] = None if cells is None else to_dense(cells, row[f"{m}_counts"], num_classes).ravel().tolist()
+    for v in VARIANTS:
+        classes = row.get(f"{v}_classes")
+        iou = [None] * num_classes
+        for c, value in zip(classes or [], row.get(f"{v}_class_iou") or []):
+            iou[c] = value
+        out[f"{v}_iou"] = None if classes is None else iou
+        for name in COUNT_NAMES:
+            counts = np.zeros(num_classes, np.int64)
+            if classes is not None:
+                counts[classes] = row[f"{v}_class_boundary_{name}"]
+            out[f"{v}_boundary_{name}"] = None if classes is None else counts.tolist()
     return out
+
+
+def _is_sparse_part(name: str) -> bool:
+    """A column of the sparse forms other than `<variant>_classes`: matrix cells/counts, per-class values."""
+    return (name.removesuffix("_cells") in MATRICES or name.removesuffix("_counts") in MATRICES
+            or any(name.startswith(f"{v}_class_") for v in VARIANTS))
 
 
 def cells_and_counts(matrix: np.ndarray) -> tuple[list[int], list[int]]:
@@ -163,7 +234,49 @@ def upgrade(table: pa.Table) -> pa.Table:
             else:
                 table = table.append_column(field, legacy)
         table = table.drop_columns([matrix])
+    for variant in VARIANTS:
+        table = _upgrade_per_class(table, variant)
     return table
+
+
+def _upgrade_per_class(table: pa.Table, variant: str) -> pa.Table:
+    """A variant's K-long per-class lists (older outputs) -> its classes and per-class values; K into `num_classes`."""
+    legacy = [f.name for f in legacy_per_class_fields(variant) if f.name in table.column_names]
+    if not legacy:
+        return table
+    if all(table.column(name).null_count == table.num_rows for name in legacy):  # newer rows only
+        return table.drop_columns(legacy)
+    k = row_classes(table, variant)
+    if "num_classes" in table.column_names:
+        table = table.set_column(table.schema.get_field_index("num_classes"), pa.field("num_classes", pa.int32()), k.cast(pa.int32()))
+    else:
+        table = table.append_column(pa.field("num_classes", pa.int32()), k.cast(pa.int32()))
+    rows = [_row_per_class(table, variant, i) for i in range(table.num_rows)]
+    for field in per_class_fields(variant):
+        legacy_values = pa.array([None if r is None else r[field.name] for r in rows], field.type)
+        if field.name in table.column_names:
+            own = _combined(table.column(field.name)).cast(field.type)
+            legacy_values = pc.if_else(own.is_valid(), own, legacy_values)
+            table = table.set_column(table.schema.get_field_index(field.name), field, legacy_values)
+        else:
+            table = table.append_column(field, legacy_values)
+    return table.drop_columns(legacy)
+
+
+def _row_per_class(table: pa.Table, variant: str, i: int) -> dict | None:
+    """One older row's per-class lists over the classes it holds (those with an IoU or a boundary pixel)."""
+    iou = table.column(f"{variant}_iou")[i].as_py() if f"{variant}_iou" in table.column_names else None
+    counts = {c: table.column(f"{variant}_boundary_{c}")[i].as_py() if f"{variant}_boundary_{c}" in table.column_names else None
+              for c in COUNT_NAMES}
+    if iou is None and all(v is None for v in counts.values()):
+        return None
+    k = len(iou) if iou is not None else len(next(v for v in counts.values() if v is not None))
+    held = [c for c in range(k) if (iou is not None and iou[c] is not None)
+            or any(v is not None and v[c] for v in counts.values())]
+    out = {f"{variant}_classes": held, f"{variant}_class_iou": [iou[c] if iou is not None else None for c in held]}
+    for name, values in counts.items():
+        out[f"{variant}_class_boundary_{name}"] = [values[c] if values is not None else 0 for c in held]
+    return out
 
 
 def _combined(array):
