@@ -90,25 +90,29 @@ def test_a_run_failing_on_every_image_keeps_the_previous_masks(ray_local, random
     assert job.plan_stage(changed, job.list_stage(changed)).to_process == 3  # and the next run tries them again
 
 
-# A driver for the engine API that SIGKILLs itself right after its K-th file write
-# (K = 0: never). Every commit, history copy and rewrite goes through storage._replace_local.
+# A driver for the engine API that runs jobs one after another, each "OUTPUT:SEED:K", and
+# SIGKILLs itself right after a job's K-th file write (K = 0: never). Every commit, history
+# copy and rewrite goes through storage._replace_local. Jobs without a kill share one
+# process (a Python start, imports and a Ray connection each fewer).
 _KILLED_DRIVER = """
 import os, signal, sys
 from segflow.pipeline import job, storage
 from segflow.pipeline.config import ModelRef, SegmentConfig
-kill_after = int(sys.argv[4])
-writes = [0]
 replace = storage._replace_local
+writes, kill_after = [0], [0]
 def counted(path, data):
     replace(path, data)
     writes[0] += 1
-    if writes[0] == kill_after:
+    if writes[0] == kill_after[0]:
         os.kill(os.getpid(), signal.SIGKILL)
 storage._replace_local = counted
-cfg = SegmentConfig(input=sys.argv[1], output=sys.argv[2], shard_size=2, progress=False, ray_address=sys.argv[5],
-                    model=ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=int(sys.argv[3])))
-summary = job.run_segment(cfg)
-print("writes", writes[0], "masks", summary.masks)
+for spec in sys.argv[3:]:
+    output, seed, kill = spec.rsplit(":", 2)
+    writes[0], kill_after[0] = 0, int(kill)
+    cfg = SegmentConfig(input=sys.argv[1], output=output, shard_size=2, progress=False, ray_address=sys.argv[2],
+                        model=ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=int(seed)))
+    summary = job.run_segment(cfg)
+    print(output, "writes", writes[0], "masks", summary.masks, flush=True)
 """
 
 # Writes of a 4-image reprocess in 2 shards, each superseding one old shard of 2 masks (its errors
@@ -131,34 +135,37 @@ def test_sigkill_during_a_reprocess_never_loses_or_duplicates_a_row(tmp_path):
     cluster = RayCluster()
     env = cluster.env
 
-    def drive(output: Path, seed: int, kill_after: int) -> subprocess.CompletedProcess:
+    def drive(*jobs: tuple[Path, int, int]) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-c", _KILLED_DRIVER, str(tmp_path / "in"), str(output), str(seed), str(kill_after), cluster.address],
+            [sys.executable, "-c", _KILLED_DRIVER, str(tmp_path / "in"), cluster.address, *(f"{o}:{s}:{k}" for o, s, k in jobs)],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
         )
 
     try:
         cluster.start_head(num_cpus=2)
-        made = drive(base, 0, 0)
+        made = drive((base, 0, 0))
         assert made.returncode == 0, made.stderr
         old_fingerprint = {r["job_fingerprint"] for r in _one_row_each(base).values()}
         shutil.copytree(base, tmp_path / "full")
-        full = drive(tmp_path / "full", 1, 0)  # the reprocess without a kill, to count its writes
+        outputs = {kill_after: tmp_path / f"out-{kill_after}" for kill_after in _KILL_POINTS}
+        for out in outputs.values():
+            shutil.copytree(base, out)
+        full = drive((tmp_path / "full", 1, 0))  # the reprocess without a kill, to count its writes
         assert full.returncode == 0, full.stderr
         assert f"writes {_WRITES} masks 4" in full.stdout, full.stdout  # the kill points below mean what they say
-        shutil.rmtree(tmp_path / "full")
         for kill_after, where in _KILL_POINTS.items():
-            out = tmp_path / f"out-{kill_after}"
-            shutil.copytree(base, out)
-            killed = drive(out, 1, kill_after)
+            out = outputs[kill_after]
+            killed = drive((out, 1, kill_after))
             assert killed.returncode == -signal.SIGKILL, f"not killed after write {kill_after} ({where}): {killed.stdout}{killed.stderr}"
             rows = _one_row_each(out)
             assert sorted(rows) == uris, f"killed after write {kill_after} ({where}): images lost their row"
             if kill_after == 2:
                 assert {r["job_fingerprint"] for r in rows.values()} == old_fingerprint
 
-            resumed = drive(out, 1, 0)
-            assert resumed.returncode == 0, resumed.stderr
+        resumed = drive(*((out, 1, 0) for out in outputs.values()))  # each killed reprocess, run again
+        assert resumed.returncode == 0, resumed.stderr
+        for kill_after, where in _KILL_POINTS.items():
+            out = outputs[kill_after]
             assert verify_output(str(out), str(tmp_path / "in")) == [], f"after the kill at write {kill_after} ({where})"
             current = ds.dataset(str(out / "masks"), format="parquet").to_table(columns=["uri"]).column("uri").to_pylist()
             assert sorted(current) == uris  # the plain Parquet dataset: exactly one row per image
