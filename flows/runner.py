@@ -159,10 +159,15 @@ def start_ephemeral_api() -> threading.Thread | None:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
+    global _ephemeral_server
     logging.getLogger("prefect").addFilter(_drop_temporary_server_notices)
-    starter = threading.Thread(target=_start_quietly, args=(SubprocessASGIServer(),), name="prefect-api-start", daemon=True)
+    _ephemeral_server = SubprocessASGIServer()  # one per process: the flow finds this one
+    starter = threading.Thread(target=_start_quietly, args=(_ephemeral_server,), name="prefect-api-start", daemon=True)
     starter.start()
     return starter
+
+
+_ephemeral_server = None  # the temporary server start_ephemeral_api began, if any
 
 
 def _start_quietly(server) -> None:
@@ -193,6 +198,57 @@ def _summary_of_incomplete_run():
         if exc.summary is not None:
             print_summary(exc.summary)
         raise
+    finally:
+        _stop_services_first_at_exit()
+
+
+def _stop_services_first_at_exit() -> None:
+    """Once the flow has ended: at exit, stop Prefect's temporary server and Ray together, first.
+
+    Python runs exit handlers last-registered first, and a CLI run ended with Ray's
+    `shutdown` (a 0.5 s sleep "so that log messages finish printing", then SIGTERM and up
+    to a second for each daemon: ~1.1-1.4 s here) and then Prefect's `stop` (SIGTERM,
+    then a wait for uvicorn's graceful shutdown, ~1.3 s), one after the other. Registered
+    after both, this handler runs first: it sends what Prefect still buffers (flow logs,
+    events) and only signals the server, which then shuts down while Ray stops; Prefect's
+    own handler reaps it, and Ray's finds nothing left to do. The flow has ended, so no
+    worker has anything left to print and nothing talks to the API any more. A server
+    Prefect did not start for this process (PREFECT_API_URL) is not touched. About 1.5 s
+    less per run on this machine.
+    """
+    global _exit_handler_registered
+    if _exit_handler_registered:
+        return
+    import atexit
+
+    atexit.register(_stop_services)
+    _exit_handler_registered = True
+
+
+_exit_handler_registered = False
+
+
+def _stop_services() -> None:
+    from segflow.flows.stages import stop_ray_driver
+
+    try:
+        _signal_ephemeral_api()
+    finally:
+        stop_ray_driver()
+
+
+def _signal_ephemeral_api() -> None:
+    process = getattr(_ephemeral_server, "server_process", None)
+    if process is None or process.poll() is not None:
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    finally:
+        process.terminate()
 
 
 def print_summary(summary: job.RunSummary) -> None:
