@@ -109,7 +109,8 @@ storage._replace_local = counted
 for spec in sys.argv[3:]:
     output, seed, kill = spec.rsplit(":", 2)
     writes[0], kill_after[0] = 0, int(kill)
-    cfg = SegmentConfig(input=sys.argv[1], output=output, shard_size=2, progress=False, ray_address=sys.argv[2],
+    # one model actor: the jobs are tiny, and a second would only cost another torch import
+    cfg = SegmentConfig(input=sys.argv[1], output=output, shard_size=2, progress=False, ray_address=sys.argv[2], model_actors=1,
                         model=ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=int(seed)))
     summary = job.run_segment(cfg)
     print(output, "writes", writes[0], "masks", summary.masks, flush=True)
