@@ -98,6 +98,9 @@ def test_driver_without_the_cluster_token_gets_one_line_naming_the_fix(two_nodes
     env = {k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_TOKEN"}
     if token == "wrong":
         env["RAY_AUTH_TOKEN"] = "0" * 64
+        # Ray retries a refused connection about once a second, 20 times by default; this
+        # operator knob (ray/_private/node.py) makes it 3, with the same failure at the end
+        env["RAY_gcs_server_port_wait_time_s"] = "3"
     else:
         env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
     result = subprocess.run([sys.executable, "-c", _CONNECT, two_nodes.address], env=env, cwd=REPO,
