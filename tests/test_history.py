@@ -151,9 +151,6 @@ def test_sigkill_during_a_reprocess_never_loses_or_duplicates_a_row(tmp_path):
         outputs = {kill_after: tmp_path / f"out-{kill_after}" for kill_after in _KILL_POINTS}
         for out in outputs.values():
             shutil.copytree(base, out)
-        full = drive((tmp_path / "full", 1, 0))  # the reprocess without a kill, to count its writes
-        assert full.returncode == 0, full.stderr
-        assert f"writes {_WRITES} masks 4" in full.stdout, full.stdout  # the kill points below mean what they say
         for kill_after, where in _KILL_POINTS.items():
             out = outputs[kill_after]
             killed = drive((out, 1, kill_after))
@@ -163,8 +160,10 @@ def test_sigkill_during_a_reprocess_never_loses_or_duplicates_a_row(tmp_path):
             if kill_after == 2:
                 assert {r["job_fingerprint"] for r in rows.values()} == old_fingerprint
 
-        resumed = drive(*((out, 1, 0) for out in outputs.values()))  # each killed reprocess, run again
+        # the reprocess without a kill, to count its writes; then each killed reprocess, run again
+        resumed = drive((tmp_path / "full", 1, 0), *((out, 1, 0) for out in outputs.values()))
         assert resumed.returncode == 0, resumed.stderr
+        assert f"{tmp_path / 'full'} writes {_WRITES} masks 4" in resumed.stdout, resumed.stdout  # the kill points hold
         for kill_after, where in _KILL_POINTS.items():
             out = outputs[kill_after]
             assert verify_output(str(out), str(tmp_path / "in")) == [], f"after the kill at write {kill_after} ({where})"

@@ -165,7 +165,8 @@ def test_a_compiled_model_actor_gives_the_eager_masks(tmp_path):
     model = ModelRef(model="fcn8s_resnet18", weights="none", num_classes=11, seed=0)
     logits = {}
     for compiled in (False, True):
-        worker = ModelWorker(model, InferenceOptions(batch_size=3, compile=compiled))
+        # batches of one image: one compile (a second batch size would compile the network again)
+        worker = ModelWorker(model, InferenceOptions(batch_size=1, compile=compiled))
         assert hasattr(worker.lowres, "_torchdynamo_orig_callable") == compiled  # torch.compile's wrapper, or the plain method
         logits[compiled] = [item["logits"] for item in worker.infer_shard(shard)]
     for eager, compiled in zip(logits[False], logits[True]):
