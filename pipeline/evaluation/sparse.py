@@ -83,18 +83,8 @@ def row_classes(table: pa.Table | pa.RecordBatch, variant: str) -> pa.Array:
 
 def sum_per_class(classes: pa.Array, values: pa.Array, num_classes: int, what: str = "") -> np.ndarray:
     """Sum many rows' per-class lists over their classes (no nulls) -> (K,) int64, exact."""
-    classes, values = _combined(classes).cast(CLASSES_TYPE), _combined(values).cast(COUNTS_TYPE)
-    if classes.null_count or values.null_count:
-        raise ValueError(f"{what}: every scored row needs its classes and values (found nulls)")
-    if pc.any(pc.not_equal(pc.list_value_length(classes), pc.list_value_length(values))).as_py():
-        raise ValueError(f"{what}: a row's classes and values differ in length")
-    index = _values(classes)
-    if index.size and (index.min() < 0 or index.max() >= num_classes):
-        raise ValueError(f"{what}: class {int(index.max())} lies outside {num_classes} classes; "
-                         "were runs with different label sets written to one output?")
-    out = np.zeros(num_classes, np.int64)
-    np.add.at(out, index, _values(values))
-    return out
+    return _sum_sparse(classes, values, num_classes, what, "classes and values",
+                       lambda last: f"class {last} lies outside {num_classes} classes")
 
 
 def dense_schema(schema: pa.Schema) -> pa.Schema:
@@ -162,19 +152,26 @@ def sum_cells(cells: pa.Array, counts: pa.Array, num_classes: int, what: str = "
     Raises ValueError when a row's two lists differ in length or a cell lies outside K*K
     (a row written for another label set).
     """
-    cells, counts = _combined(cells).cast(CELLS_TYPE), _combined(counts).cast(COUNTS_TYPE)
-    if cells.null_count or counts.null_count:
-        raise ValueError(f"{what}: every scored row needs its cells and counts (found nulls)")
-    if pc.any(pc.not_equal(pc.list_value_length(cells), pc.list_value_length(counts))).as_py():
-        raise ValueError(f"{what}: a row's cells and counts differ in length")
-    index = _values(cells)
-    pixels = _values(counts)
-    size = num_classes * num_classes
-    if index.size and (index.min() < 0 or index.max() >= size):
-        raise ValueError(f"{what}: cell {int(index.max())} lies outside a {num_classes}x{num_classes} matrix; "
-                         "were runs with different label sets written to one output?")
+    return _sum_sparse(cells, counts, num_classes * num_classes, what, "cells and counts",
+                       lambda last: f"cell {last} lies outside a {num_classes}x{num_classes} matrix")
+
+
+def _sum_sparse(index: pa.Array, values: pa.Array, size: int, what: str, names: str, outside) -> np.ndarray:
+    """Rows of (index list, value list) -> their sum as a dense (size,) int64 array, exact.
+
+    Refuses nulls, a row whose two lists differ in length, and an index outside [0, size)
+    (`outside(largest index)` says where, for the error).
+    """
+    index, values = _combined(index).cast(CELLS_TYPE), _combined(values).cast(COUNTS_TYPE)
+    if index.null_count or values.null_count:
+        raise ValueError(f"{what}: every scored row needs its {names} (found nulls)")
+    if pc.any(pc.not_equal(pc.list_value_length(index), pc.list_value_length(values))).as_py():
+        raise ValueError(f"{what}: a row's {names} differ in length")
+    flat = _values(index)
+    if flat.size and (flat.min() < 0 or flat.max() >= size):
+        raise ValueError(f"{what}: {outside(int(flat.max()))}; were runs with different label sets written to one output?")
     out = np.zeros(size, np.int64)
-    np.add.at(out, index, pixels)
+    np.add.at(out, flat, _values(values))
     return out
 
 
