@@ -60,6 +60,8 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     resume: bool = False
     max_images: int = 0  # 0: every image; N: the first N of train and of val (smoke runs)
+    ema: float = 0.0  # 0: off; else the decay per step of an exponential moving average of the weights, which is what is scored and saved
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when torch sees one)
     command: str = field(default="", compare=False)
 
 
@@ -79,6 +81,7 @@ class BaseModel:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the best val metrics reached."""
+    device = training_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -100,9 +103,13 @@ def train(cfg: TrainConfig) -> dict:
         if base is None:
             raise CheckpointError(f"head {cfg.head!r} trains {net.head.training_mode} on a trained, frozen base; give one with --base (bundled, or a checkpoint)")
         net.freeze_base()
+    net.to(device)
     peak_lr = peak_learning_rate(cfg, net, base)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=peak_lr, weight_decay=cfg.weight_decay)
+    averaged = weight_average(net, cfg.ema)
     weights = median_frequency_weights(train_set.labels, labels.num_classes) if cfg.class_weights == "median-frequency" else None
+    if weights is not None:
+        weights = weights.to(device)
     aug = Augmentation(crop=cfg.crop, scale=cfg.scale)
     gen = torch.Generator().manual_seed(cfg.seed)
     total_steps = cfg.epochs * steps_per_epoch(len(train_set.images), cfg.batch_size)
@@ -117,12 +124,17 @@ def train(cfg: TrainConfig) -> dict:
             raise CheckpointError(f"{state_path}: this run trained on another base checkpoint; resume with the same --base, or start a new --work-dir")
         net.load_state_dict(state["model"], strict=not net.base_frozen)
         opt.load_state_dict(state["optimizer"])
+        if averaged is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{state_path}: this run trained without --ema; resume without it, or start a new --work-dir")
+            averaged.load_state_dict(state["ema"], strict=not net.base_frozen)
         gen.set_state(state["generator"])
         start_epoch, best, elapsed = state["epoch"], json.loads(state["best"]), state["elapsed"]
         history = json.loads(state["history"])
 
-    mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"], device=device).view(1, 3, 1, 1)
+    scored = averaged.module if averaged is not None else net  # what val scores and the checkpoint holds
     step = start_epoch * steps_per_epoch(len(train_set.images), cfg.batch_size)
     bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="train", file=sys.stderr)
     for epoch in bar:
@@ -133,11 +145,14 @@ def train(cfg: TrainConfig) -> dict:
             lr = peak_lr * (1 - step / total_steps) ** 0.9
             for group in opt.param_groups:
                 group["lr"] = lr
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             named = net.loss((images - mean) / std, targets, weights, labels.ignore_index)
             loss = sum(named.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(net)
             losses.append(loss.item())
             for name, value in named.items():
                 terms.setdefault(name, []).append(value.item())
@@ -147,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
         if len(terms) > 1:
             record["terms"] = {name: float(np.mean(values)) for name, values in terms.items()}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            confusion = evaluate(net, val_set, labels.num_classes, labels.ignore_index)
+            confusion = evaluate(scored, val_set, labels.num_classes, labels.ignore_index)
             record["val_miou"] = mean_iou(confusion)
             if record["val_miou"] > best["miou"]:
                 best = {
@@ -156,7 +171,7 @@ def train(cfg: TrainConfig) -> dict:
                     "per_class_iou": dict(zip(labels.classes, per_class_iou(confusion).round(4).tolist())),
                     "train_seconds": round(elapsed, 1),
                 }
-                _save_deployable(cfg, net, labels, architecture, normalization, base, best)
+                _save_deployable(cfg, scored, labels, architecture, normalization, base, best)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_miou=f"{best['miou']:.3f}")
         torch.save(
@@ -169,12 +184,39 @@ def train(cfg: TrainConfig) -> dict:
                 "best": json.dumps(best),
                 "elapsed": elapsed,
                 "history": json.dumps(history),
-            },
+            }
+            | ({"ema": averaged.state_dict()} if averaged is not None else {}),
             state_path.with_suffix(".tmp"),
         )
         state_path.with_suffix(".tmp").replace(state_path)
         (work / "history.json").write_text(json.dumps(history, indent=1))
     return best
+
+
+def training_device(name: str) -> torch.device:
+    """The device `--device` names; `auto` is the GPU when torch sees one. A missing GPU is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name}: torch sees no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def weight_average(net: torch.nn.Module, decay: float):
+    """An exponential moving average of `net`'s weights and batch-norm statistics (None when decay is 0).
+
+    Averaging the weights of the last few hundred steps evens out the noise of small-batch
+    AdamW, which val scores otherwise show from one evaluation to the next; torch's own
+    AveragedModel does it, buffers included, so the average is a network that runs as is.
+    """
+    if not decay:
+        return None
+    if not 0 < decay < 1:
+        raise ValueError(f"--ema {decay}: give a decay per step between 0 and 1, such as 0.998, or 0 for none")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def load_base(cfg: TrainConfig, architecture: dict, labels) -> BaseModel | None:
@@ -215,17 +257,18 @@ def _load_base_weights(net, base: BaseModel) -> None:
 def evaluate(net: torch.nn.Module, data: SegmentationSet, num_classes: int, ignore_index: int | None, batch_size: int = 4) -> np.ndarray:
     """Summed (K, K) confusion of `net` on `data` at full resolution."""
     net.eval()
-    mean = torch.tensor(getattr(net, "mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
-    std = torch.tensor(getattr(net, "std", IMAGENET_STD)).view(1, 3, 1, 1)
+    device = next(net.parameters()).device
+    mean = torch.tensor(getattr(net, "mean", IMAGENET_MEAN), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(net, "std", IMAGENET_STD), device=device).view(1, 3, 1, 1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for start in range(0, len(data.images), batch_size):
         chunk = data.images[start : start + batch_size]
         if len({t.shape for t in chunk}) > 1:
-            preds = [net(((t[None].float() / 255) - mean) / std).argmax(1)[0] for t in chunk]
+            preds = [net(((t[None].to(device).float() / 255) - mean) / std).argmax(1)[0] for t in chunk]
         else:
-            preds = list(net((torch.stack(chunk).float() / 255 - mean) / std).argmax(1))
+            preds = list(net((torch.stack(chunk).to(device).float() / 255 - mean) / std).argmax(1))
         for pred, label in zip(preds, data.labels[start : start + batch_size]):
-            confusion += confusion_matrix(label.numpy(), pred.numpy(), num_classes, ignore_index)
+            confusion += confusion_matrix(label.numpy(), pred.cpu().numpy(), num_classes, ignore_index)
     return confusion
 
 
@@ -246,7 +289,7 @@ def _save_deployable(cfg: TrainConfig, net, labels, architecture, normalization,
     }
     if base is not None:
         meta["training"]["base"] = {"checkpoint": base.reference, "sha256": base.sha256}
-    weights = net.state_dict()
+    weights = {k: v.cpu() for k, v in net.state_dict().items()}
     if net.base_frozen:
         meta["base"] = {"checkpoint": base.reference, "sha256": base.sha256}
         weights = net.head_state_dict()

@@ -37,6 +37,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentation and batch order (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's own choice)")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N training and N val images, for smoke runs (default: 0, all)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay per step of an exponential moving average of the weights, which val scores and the checkpoint "
+                        "holds, such as 0.998 (default: 0, off)")
+    p.add_argument("--device", default="cpu",
+                   help="where training runs: cpu, cuda, cuda:N, or auto for the GPU when torch sees one (default: cpu); "
+                        "the recipe and seed are the same on each")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/state.pt (default: start afresh)")
     p.set_defaults(run=run)
 
@@ -49,7 +55,7 @@ def run(args) -> int:
         output=args.output, work_dir=args.work_dir, model=args.model, head=args.head, base=args.base, label_set=args.label_set,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop=tuple(args.crop), scale=tuple(args.scale),
         class_weights=args.class_weights, eval_every=args.eval_every, seed=args.seed, threads=args.threads,
-        max_images=args.max_images, resume=args.resume, command="segflow " + shlex.join(sys.argv[1:]),
+        max_images=args.max_images, resume=args.resume, ema=args.ema, device=args.device, command="segflow " + shlex.join(sys.argv[1:]),
     )
     best = train(cfg)
     print(json.dumps({"best_val_miou": best["miou"], "epoch": best.get("epoch")}))
