@@ -189,11 +189,10 @@ def memory_check(args) -> dict:
 def _pipeline_child(spec: dict) -> int:
     import resource
 
-    from segflow.pipeline.config import ModelRef, SegmentConfig
+    from segflow.flows.parameters import JobSpec
     from segflow.pipeline.job import run_segment
 
-    c = dict(spec["config"])
-    cfg = SegmentConfig(**{**c, "model": ModelRef(**c["model"]), "crf_params": tuple(map(tuple, c["crf_params"]))})
+    cfg = JobSpec.model_validate_json(spec["config"]).to_config().with_(progress=False)
     markers = Path(spec["markers"])
     job_start = time.time()
     (markers / "started").write_text(str(job_start))
@@ -223,26 +222,29 @@ def _model_ref(args):
 
 
 def _config(args, tmp: Path):
-    from segflow.pipeline.config import SegmentConfig
+    """The benched job, built and validated as the CLI and the flows build theirs: through the job tree."""
+    from segflow.flows.parameters import Execution, JobSpec, Refinement
 
-    return SegmentConfig(
+    return JobSpec(
         input=str(tmp / "images"),
         output=str(tmp / "out"),
         model=_model_ref(args),
-        refinement="none" if args.no_crf else "dense",
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        model_actors=args.model_actors,
-        crf_workers=args.crf_workers,
-        max_shards_in_flight=args.max_shards_in_flight,
-        device="cpu",
-        progress=False,
-    )
+        refinement=Refinement(kind="none" if args.no_crf else "dense"),
+        execution=Execution(
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            model_actors=args.model_actors,
+            crf_workers=args.crf_workers,
+            max_shards_in_flight=args.max_shards_in_flight,
+            device="cpu",
+        ),
+    ).to_config().with_(progress=False)
 
 
-def _config_spec(cfg) -> dict:
-    spec = {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "evaluation")}
-    return spec
+def _config_spec(cfg) -> str:
+    from segflow.flows.parameters import JobSpec
+
+    return JobSpec.from_config(cfg).model_dump_json()
 
 
 def _describe_run(args, cfg, plan, paths) -> dict:

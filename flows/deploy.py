@@ -26,7 +26,7 @@ import hashlib
 from pydantic_core import to_jsonable_python
 
 from segflow.flows.locking import canonical_output, output_limit_name, prefect_server_configured
-from segflow.flows.parameters import flow_parameters
+from segflow.flows.parameters import Storage, flow_parameters
 from segflow.pipeline.config import SegmentConfig
 from segflow.errors import ConfigError
 from segflow.pipeline.storage import redact
@@ -69,7 +69,7 @@ def reprocess_deployment(
         )
     check_cron(cron, timezone)
     params = flow_parameters(cfg)
-    params.update(storage_secret=storage_secret, dry_run=dry_run)
+    params.update(storage=Storage(secret=storage_secret), dry_run=dry_run)
     return reprocess_flow.to_deployment(
         name=name or deployment_name(cfg.output),
         schedules=[Cron(cron, timezone=timezone)],

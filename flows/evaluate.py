@@ -8,7 +8,7 @@ run's artifacts add mIoU without and with the CRF, per class, and a link to the 
 
 from prefect import flow
 
-from segflow.flows.parameters import Execution, Refinement, Pairing, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.parameters import Evaluation, Execution, Incremental, JobSpec, Pairing, Refinement, Storage, flow_parameters, run_name, storage_options_scope
 from segflow.flows.stages import run_job
 from segflow.pipeline.config import ModelRef, SegmentConfig
 from segflow.errors import ConfigError
@@ -23,13 +23,9 @@ def evaluate_flow(
     pairing: Pairing = Pairing(),
     model: ModelRef = ModelRef(),
     refinement: Refinement = Refinement(),
-    ray_address: str | None = None,
     execution: Execution = Execution(),
-    force: bool = False,
-    prune: bool = False,
-    retry_errors: bool = False,
-    content_hash: bool = False,
-    storage_secret: str | None = None,
+    incremental: Incremental = Incremental(),
+    storage: Storage = Storage(),
     wait_for_output_seconds: float | None = None,
 ) -> dict:
     """Score a model (and the CRF's gain) on images with ground truth.
@@ -39,16 +35,14 @@ def evaluate_flow(
         labels: folder or URL of ground-truth label images, paired with images by file stem.
         output: where masks, metrics, summary.json and report.html go.
         pairing: suffixes that pair image and label names, label format (index, palette, rgb), remapping.
-        model, refinement, ray_address, execution, force, prune, retry_errors,
-        content_hash, storage_secret, wait_for_output_seconds: as for segflow-segment.
+        model, refinement, execution, incremental, storage, wait_for_output_seconds: as for segflow-segment.
 
     Returns {"run": RunSummary.to_dict(), "evaluation": summary.json's content, with "report"}.
     """
-    cfg = segment_config(
-        images, output, model=model, refinement=refinement, ray_address=ray_address,
-        execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
-        labels=labels, pairing=pairing, storage_secret=storage_secret,
-    )
+    cfg = JobSpec(
+        input=images, output=output, model=model, refinement=refinement, execution=execution, incremental=incremental,
+        storage=storage, evaluation=Evaluation(labels=labels, pairing=pairing),
+    ).to_config()
     result = run_job(cfg, "evaluate", wait_for_output_seconds)
     return {"run": result.summary.to_dict(), "evaluation": result.evaluation}
 

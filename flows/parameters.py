@@ -1,21 +1,22 @@
-"""Flow parameters <-> `SegmentConfig`: the one place the three flows build their job.
+"""The job's configuration tree (`JobSpec`) and the flows' parameters, which are its branches.
 
-The flows take typed parameters so Prefect's UI renders a form: the engine's own
-frozen dataclass `ModelRef`, and small pydantic models for the rest: `Refinement`
-(the CRF kind and its explicit parameters), `Execution` (how the work runs; never
-changes a mask) and `Pairing` (how evaluation finds labels). Their defaults are read from the engine's
+A job is one typed tree: input, output, `model` (the engine's `ModelRef`), `refinement`
+(the CRF kind and its explicit parameters), `execution` (how the work runs; never changes a
+mask), `incremental` (what a rerun redoes), `storage` (where credentials come from) and,
+for an evaluation, `evaluation` (labels and their `Pairing`). The flows take the branches
+as parameters, so Prefect's UI form is this tree; the command line generates its flags
+from the same leaves (flows/commands/options.py). Defaults are read from the engine's
 dataclasses, so a default changes in `pipeline/config.py` and nowhere else.
 
-`segment_config` builds the config from flow parameters and `flow_parameters` is its
-inverse, used when the CLI already holds a config (`run_segment_flow`). Every config
-field is covered by one or the other; `tests/test_flows.py` round-trips a config whose
-every field differs from its default, so a field added to `SegmentConfig` fails that
-test instead of being dropped silently.
+`JobSpec.to_config` builds the engine's flat `SegmentConfig`, and `flow_parameters` is its
+inverse, used when the CLI already holds a config (`run_segment_flow`).
+`tests/test_flows.py` round-trips a config whose every field differs from its default,
+so a field added to `SegmentConfig` fails that test instead of being dropped silently.
 
 Storage credentials never become flow parameters: Prefect stores every flow run's
 parameters in its database and shows them in the UI. They come from the environment
 (fsspec's own credential chain: AWS_* variables, ~/.aws, instance roles), from a
-Prefect Secret block named by `storage_secret`, or, for an in-process call that
+Prefect Secret block named by `storage.secret`, or, for an in-process call that
 already holds them, from `storage_options_scope` (see `run_segment_flow`).
 """
 
@@ -51,6 +52,7 @@ class Execution(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    ray_address: str | None = Field(_default(SegmentConfig, "ray_address"), description="existing Ray cluster to join: auto, ray://host:port; none starts a local Ray")
     shard_size: int = Field(_default(SegmentConfig, "shard_size"), ge=1, description="images per shard: the unit of scheduling, retry and commit")
     batch_size: int = Field(_default(SegmentConfig, "batch_size"), ge=1, description="images per model forward pass (same-size images only); masks measured identical at 1 and 4 on the CPU")
     max_pixels: int = Field(_default(SegmentConfig, "max_pixels"), ge=1, description="larger images become error rows (decompression-bomb guard)")
@@ -93,59 +95,114 @@ class Pairing(BaseModel):
     trimap_width: int = Field(_default(LabelPairing, "trimap_width"), ge=1, description="pixels, for the trimap IoU band")
 
 
+class Incremental(BaseModel):
+    """What a run into an OUTPUT that already holds results redoes (the engine's plan)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    force: bool = Field(_default(SegmentConfig, "force"), description="reprocess every image, even up-to-date ones")
+    prune: bool = Field(_default(SegmentConfig, "prune"), description="remove rows of images deleted from the source")
+    retry_errors: bool = Field(_default(SegmentConfig, "retry_errors"), description="try again images that have error rows")
+    content_hash: bool = Field(_default(SegmentConfig, "content_hash"), description="detect changes by sha256 of the bytes, not size+etag/mtime")
+
+
+class Storage(BaseModel):
+    """Where credentials for INPUT and OUTPUT come from; never the credentials themselves.
+
+    Prefect stores every parameter in its database, so the storage options (keys, tokens)
+    are not a field: they come from the environment (fsspec's own chain), from the Prefect
+    Secret block named here, or from the in-process caller (`storage_options_scope`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret: str | None = Field(None, description="name of a Prefect Secret block holding JSON fsspec storage options")
+
+
+class Evaluation(BaseModel):
+    """Where the ground truth is and how it pairs with the images: set, the job is an evaluation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    labels: str = Field(description="folder or URL of ground-truth label images, paired with images by file stem")
+    pairing: Pairing = Pairing()
+
+
+class JobSpec(BaseModel):
+    """One job, as a typed tree: input, output, model, refinement, execution, storage, evaluation.
+
+    It is the configuration's single shape: the flows take its branches as parameters (so
+    Prefect's form is this tree), the command line's flags are generated from its leaves
+    (flows/commands/options.py), a `--config` file may spell it as nested tables, and the
+    deployments and benches build their jobs through it. Defaults are the engine's
+    (`SegmentConfig`, `ModelRef`), read once; `to_config` gives the engine its frozen,
+    flat `SegmentConfig`, and `from_config` is its inverse.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: str = Field(description="folder or URL of images (local path, file://, s3://, memory://, ...)")
+    output: str = Field(description="where masks/, errors/ and the run manifest go")
+    model: ModelRef = ModelRef()
+    refinement: Refinement = Refinement()
+    execution: Execution = Execution()
+    incremental: Incremental = Incremental()
+    storage: Storage = Storage()
+    evaluation: Evaluation | None = None
+
+    def to_config(self) -> SegmentConfig:
+        """The engine's job. Storage options come from the Secret block or the in-process caller."""
+        evaluation = None
+        if self.evaluation is not None:
+            evaluation = LabelPairing(labels=self.evaluation.labels, **self.evaluation.pairing.model_dump())
+        return SegmentConfig(
+            input=self.input,
+            output=self.output,
+            model=self.model,
+            refinement=self.refinement.kind,
+            crf_params=tuple(self.refinement.params.items()),
+            evaluation=evaluation,
+            storage_options=_resolve_storage_options(self.storage.secret),
+            **self.execution.model_dump() | {"ray_address": self.execution.ray_address or None},
+            **self.incremental.model_dump(),
+        )
+
+    @classmethod
+    def from_config(cls, cfg: SegmentConfig) -> "JobSpec":
+        """The tree that rebuilds `cfg`, credentials left out."""
+        evaluation = None
+        if cfg.evaluation is not None:
+            evaluation = Evaluation(labels=cfg.evaluation.labels, pairing=Pairing(**{name: getattr(cfg.evaluation, name) for name in _PAIRING_FIELDS}))
+        return cls(
+            input=cfg.input,
+            output=cfg.output,
+            model=cfg.model,
+            refinement=Refinement(kind=cfg.refinement, params=dict(cfg.crf_params)),
+            execution=Execution(**{name: getattr(cfg, name) for name in _EXECUTION_FIELDS}),
+            incremental=Incremental(**{name: getattr(cfg, name) for name in _INCREMENTAL_FIELDS}),
+            evaluation=evaluation,
+        )
+
+
 _EXECUTION_FIELDS = tuple(Execution.model_fields)
 _PAIRING_FIELDS = tuple(Pairing.model_fields)
-# Config fields that are flow parameters of their own, beside input/output/execution.
-_TOP_LEVEL = ("model", "ray_address", "force", "prune", "retry_errors", "content_hash")
+_INCREMENTAL_FIELDS = tuple(Incremental.model_fields)
+# The branches every flow takes as parameters, under the tree's own names.
+FLOW_BRANCHES = ("model", "refinement", "execution", "incremental", "storage")
 
 _storage_options: contextvars.ContextVar[dict | None] = contextvars.ContextVar("segflow_storage_options", default=None)
 
 
-def segment_config(
-    input: str,
-    output: str,
-    *,
-    model: ModelRef,
-    refinement: Refinement,
-    ray_address: str | None,
-    execution: Execution,
-    force: bool,
-    prune: bool,
-    retry_errors: bool,
-    content_hash: bool,
-    labels: str | None = None,
-    pairing: Pairing | None = None,
-    storage_secret: str | None = None,
-) -> SegmentConfig:
-    """The job a flow run does. `labels` set makes it an evaluation."""
-    evaluation = None
-    if labels is not None:
-        evaluation = LabelPairing(labels=labels, **(pairing or Pairing()).model_dump())
-    return SegmentConfig(
-        input=input,
-        output=output,
-        model=model,
-        refinement=refinement.kind,
-        crf_params=tuple(refinement.params.items()),
-        ray_address=ray_address or None,
-        force=force,
-        prune=prune,
-        retry_errors=retry_errors,
-        content_hash=content_hash,
-        evaluation=evaluation,
-        storage_options=_resolve_storage_options(storage_secret),
-        **execution.model_dump(),
-    )
-
-
 def flow_parameters(cfg: SegmentConfig) -> dict:
-    """Inverse of `segment_config`: the flow parameters that rebuild `cfg`, credentials left out."""
-    params = {"input": cfg.input, "output": cfg.output, **{name: getattr(cfg, name) for name in _TOP_LEVEL}}
-    params["refinement"] = Refinement(kind=cfg.refinement, params=dict(cfg.crf_params))
-    params["execution"] = Execution(**{name: getattr(cfg, name) for name in _EXECUTION_FIELDS})
-    if cfg.evaluation is not None:
-        params["labels"] = cfg.evaluation.labels
-        params["pairing"] = Pairing(**{name: getattr(cfg.evaluation, name) for name in _PAIRING_FIELDS})
+    """The flow parameters that rebuild `cfg` (the tree's branches), credentials left out.
+
+    `input`/`output`, the branches, and for an evaluation `labels` and `pairing`.
+    """
+    spec = JobSpec.from_config(cfg)
+    params = {"input": spec.input, "output": spec.output, **{name: getattr(spec, name) for name in FLOW_BRANCHES}}
+    if spec.evaluation is not None:
+        params["labels"] = spec.evaluation.labels
+        params["pairing"] = spec.evaluation.pairing
     return params
 
 

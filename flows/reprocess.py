@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from prefect import flow
 
 from segflow.flows.changes import report_changes
-from segflow.flows.parameters import Execution, Refinement, run_name, segment_config
+from segflow.flows.parameters import Execution, Incremental, JobSpec, Refinement, Storage, run_name
 from segflow.flows.stages import run_job
 from segflow.pipeline.config import ModelRef
 from segflow.pipeline.job import RunSummary
@@ -25,21 +25,16 @@ def reprocess_flow(
     output: str,
     model: ModelRef = ModelRef(),
     refinement: Refinement = Refinement(),
-    ray_address: str | None = None,
     execution: Execution = Execution(),
-    prune: bool = False,
-    retry_errors: bool = False,
-    content_hash: bool = False,
-    force: bool = False,
+    incremental: Incremental = Incremental(),
+    storage: Storage = Storage(),
     dry_run: bool = False,
-    storage_secret: str | None = None,
     wait_for_output_seconds: float | None = None,
 ) -> RunSummary | None:
     """Process what changed under `input` since `output` was last written.
 
     Args:
-        input, output, model, refinement, ray_address, execution, prune,
-        retry_errors, content_hash, force, storage_secret, wait_for_output_seconds:
+        input, output, model, refinement, execution, incremental, storage, wait_for_output_seconds:
             as for segflow-segment. Changing `model` or `refinement` here reprocesses every
             image whose masks carry the old fingerprint.
         dry_run: list and plan only; publish what would be processed, write nothing.
@@ -49,11 +44,7 @@ def reprocess_flow(
 
     Returns the run summary, or None for a dry run.
     """
-    cfg = segment_config(
-        input, output, model=model, refinement=refinement, ray_address=ray_address,
-        execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
-        storage_secret=storage_secret,
-    )
+    cfg = JobSpec(input=input, output=output, model=model, refinement=refinement, execution=execution, incremental=incremental, storage=storage).to_config()
     started = datetime.now(timezone.utc)
     result = run_job(cfg, "reprocess", wait_for_output_seconds, dry_run=dry_run)
     if result.summary is not None and result.summary.masks:  # what the replaced masks were, and what changed

@@ -1,8 +1,8 @@
 """`segment_flow`: segment the images under INPUT into masks and Parquet under OUTPUT.
 
 A run into an OUTPUT that already holds results processes only what is new, changed
-or produced with other model/CRF fingerprints (the engine's plan decides). The flow
-itself only turns parameters into a `SegmentConfig` and runs the stages
+or produced with other model/CRF fingerprints (the engine's plan decides). The flow's
+parameters are the branches of the job's configuration tree (`JobSpec`); it only turns them into a `SegmentConfig` and runs the stages
 (flows/stages.py); `run_segment_flow` does the same for a caller that already has a
 config, such as `segflow segment`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from segflow.flows.parameters import Execution, Refinement, flow_parameters, run_name, segment_config, storage_options_scope
+from segflow.flows.parameters import Execution, Incremental, JobSpec, Refinement, Storage, flow_parameters, run_name, storage_options_scope
 from segflow.flows.stages import run_job
 from segflow.pipeline.config import ModelRef, SegmentConfig
 from segflow.pipeline.job import RunSummary
@@ -23,13 +23,9 @@ def segment_flow(
     output: str,
     model: ModelRef = ModelRef(),
     refinement: Refinement = Refinement(),
-    ray_address: str | None = None,
     execution: Execution = Execution(),
-    force: bool = False,
-    prune: bool = False,
-    retry_errors: bool = False,
-    content_hash: bool = False,
-    storage_secret: str | None = None,
+    incremental: Incremental = Incremental(),
+    storage: Storage = Storage(),
     wait_for_output_seconds: float | None = None,
 ) -> RunSummary:
     """Segment every image under `input` that `output` does not hold yet.
@@ -39,20 +35,12 @@ def segment_flow(
         output: where masks/, errors/ and the run manifest go.
         model: registry name, checkpoint URL, torchvision weights; all empty = bundled CamVid FCN-8s.
         refinement: the CRF kind (none, dense, ...) and the parameters set explicitly; each overrides only itself.
-        ray_address: Ray cluster to join ("auto", "ray://head:10001"); empty starts a local Ray.
-        execution: shard size, batch size, actors, device: how the work runs, never what it produces.
-        force: reprocess everything, even images whose masks are up to date.
-        prune: delete rows of images no longer under `input`.
-        retry_errors: reprocess images that ended as error rows last time.
-        content_hash: key images by content hash instead of size+version (slower listing; robust to touch/copy).
-        storage_secret: name of a Prefect Secret block with JSON fsspec storage options (credentials).
+        execution: Ray address, shard size, batch size, actors, device: how the work runs, never what it produces.
+        incremental: force (redo everything), prune (drop rows of deleted images), retry_errors, content_hash.
+        storage: the name of a Prefect Secret block with JSON fsspec storage options (credentials), if any.
         wait_for_output_seconds: how long to wait while another run writes `output`; empty waits until it ends.
     """
-    cfg = segment_config(
-        input, output, model=model, refinement=refinement, ray_address=ray_address,
-        execution=execution, force=force, prune=prune, retry_errors=retry_errors, content_hash=content_hash,
-        storage_secret=storage_secret,
-    )
+    cfg = JobSpec(input=input, output=output, model=model, refinement=refinement, execution=execution, incremental=incremental, storage=storage).to_config()
     return run_job(cfg, "segment", wait_for_output_seconds).summary
 
 

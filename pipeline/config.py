@@ -9,12 +9,16 @@ credentials) is not, so tuning the engine never invalidates results.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Annotated, Literal, get_args
+
+from pydantic import Field
 
 from segflow.errors import ConfigError
 from segflow.fingerprint import digest  # noqa: F401  (re-exported)
 from segflow.models.crf import DEFAULT_REFINEMENT, refinement_kind
 
-TTA_MODES = ("none", "flip", "flip-scales")  # segflow.models.tta's, without importing torch in the driver
+TTAMode = Literal["none", "flip", "flip-scales"]  # segflow.models.tta's, without importing torch in the driver
+TTA_MODES = get_args(TTAMode)
 from segflow.models.crf.dense import CRFParams  # noqa: F401  (re-exported)
 
 DEFAULT_SHARD_SIZE = 64
@@ -25,21 +29,25 @@ DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb limit, ~ a 7300x5500 photo
 class ModelRef:
     """Which model to run: a registry name, a checkpoint URL, torchvision weights, a seed.
 
-    All None means the bundled CamVid FCN-8s. `tta` averages the network's logits over
+    The model branch of a job's configuration tree (segflow.flows.parameters.JobSpec): each
+    field's description is its `--flag`'s help and its Prefect form label, so it is written
+    here once. All None means the bundled CamVid FCN-8s. `tta` averages the network's logits over
     mirrored (and rescaled) copies inside the model actor, before the refinement; it is part
     of the model fingerprint when it is not "none".
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
-    weights: str | None = None
-    num_classes: int | None = None
-    seed: int = 0
-    tta: str = "none"  # test-time augmentation (segflow.models.tta): none | flip | flip-scales
-    # Long side (px) the network and the refinement run at; masks come back at the image's size.
-    # None: the checkpoint's training scale, else 512 (segflow.models.working_size); "full": every pixel.
-    working_size: int | str | None = None
-    tiles: tuple[int, int] | None = None  # (size, stride): sliding-window inference (segflow.models.sliding)
+    model: Annotated[str | None, Field(description="registry name (`segflow models`: fcn8s_resnet18, deeplabv3_resnet50, ...); none: the bundled CamVid FCN-8s")] = None
+    checkpoint: Annotated[str | None, Field(description="checkpoint URL (local path, s3://...): safetensors with segflow metadata")] = None
+    weights: Annotated[str | None, Field(description="torchvision weights for the registry model: DEFAULT, an enum name, or none")] = None
+    num_classes: Annotated[int | None, Field(description="classes of an untrained registry model with weights none")] = None
+    seed: Annotated[int, Field(description="seed of an untrained registry model's initialisation")] = 0
+    tta: Annotated[TTAMode, Field(description="test-time augmentation, averaged in logit space before the CRF: flip (2 passes) or flip-scales (0.75/1/1.25, 6 passes)")] = "none"
+    working_size: Annotated[int | Literal["full"] | None, Field(description=(
+        "long side (px) the network and the CRF run at; larger images are resized, their masks come back at the image's size; "
+        "none: the checkpoint's training scale, else 512; full: every pixel"))] = None
+    tiles: Annotated[tuple[int, int] | None, Field(description=(
+        "(size, stride): sliding-window inference over SIZE px tiles STRIDE px apart, logits averaged where they overlap; "
+        "memory bounded by the tile; implies working size full unless given; none: the whole image at once"))] = None
 
     def __post_init__(self):
         if self.tta not in TTA_MODES:

@@ -27,24 +27,50 @@ def _parse(*argv: str):
 
 
 def test_segment_help_and_the_flow_schema_name_the_same_options_with_the_same_defaults():
+    """Every leaf of the flow's model, execution and incremental branches is a flag with the same default and help."""
     from segflow.flows import segment_flow
 
     schema = segment_flow.parameters.model_dump()
     definitions = schema["definitions"]
-    flags = {a.dest: a.default for a in _subparser("segment")._actions}
-    execution = definitions["Execution"]["properties"]
+    actions = {a.dest: a for a in _subparser("segment")._actions}
+    assert set(schema["properties"]) >= {"input", "output", "model", "refinement", "execution", "incremental", "storage"}
     compared = 0
-    for name, prop in execution.items():
-        if name in ("progress", "channels_last"):  # not flags: a terminal decides the bar; channels-last is a GPU internal
-            continue
-        assert name in flags, f"flow parameter execution.{name} has no --{name.replace('_', '-')} flag"
-        assert flags[name] == prop.get("default"), f"--{name.replace('_', '-')} defaults to {flags[name]!r}, the flow to {prop.get('default')!r}"
-        compared += 1
-    assert compared >= 10
+    for branch in ("ModelRef", "Execution", "Incremental"):
+        for name, prop in definitions[branch]["properties"].items():
+            if name in ("progress", "channels_last"):  # not flags: a terminal decides the bar; channels-last is a GPU internal
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            assert name in actions, f"flow parameter {branch}.{name} has no {flag} flag"
+            assert actions[name].default == prop.get("default"), f"{flag} defaults to {actions[name].default!r}, the flow to {prop.get('default')!r}"
+            assert prop["description"] in actions[name].help, f"{flag}'s help is not the flow form's description of {branch}.{name}"
+            compared += 1
+    assert compared >= 20
     refinement = definitions["Refinement"]["properties"]
-    assert flags["refinement"] == refinement["kind"]["default"] == SegmentConfig.__dataclass_fields__["refinement"].default
-    for name in ("force", "prune", "retry_errors", "content_hash", "ray_address"):
-        assert flags[name] == schema["properties"][name].get("default"), name
+    assert actions["refinement"].default == refinement["kind"]["default"] == SegmentConfig.__dataclass_fields__["refinement"].default
+
+
+def test_a_config_file_may_be_the_job_tree(tmp_path):
+    """Nested tables ([model], [refinement], [execution], [incremental]) mean what the flags mean."""
+    config = tmp_path / "job.toml"
+    config.write_text(
+        'model = "fcn8s_resnet18"\n'  # the flag, beside the tables
+        '[execution]\nshard_size = 8\nray_address = "auto"\n'
+        '[incremental]\nforce = true\n'
+        '[refinement]\nkind = "dense"\nparams = {iterations = 7}\n'
+    )
+    parser = _subparser("segment")
+    apply_config_file(parser, str(config))
+    cfg = config_from_args(parser.parse_args(["in", "out"]), "in", "out")
+    assert (cfg.model.model, cfg.shard_size, cfg.ray_address, cfg.force) == ("fcn8s_resnet18", 8, "auto", True)
+    assert (cfg.refinement, dict(cfg.crf_params)) == ("dense", {"iterations": 7})
+    config.write_text("[execution]\nshard_sise = 8\n")
+    with pytest.raises(UsageError, match=r"unknown option 'shard_sise'; did you mean 'shard_size'\?"):
+        apply_config_file(_subparser("segment"), str(config))
+
+
+def test_a_value_the_tree_refuses_is_a_one_line_usage_error():
+    with pytest.raises(UsageError, match=r"^--shard-size: Input should be greater than or equal to 1$"):
+        config_from_args(_parse("segment", "i", "o", "--shard-size", "0"), "i", "o")
 
 
 @pytest.mark.parametrize("command", ["segment", "evaluate", "reprocess", "verify", "train", "schedule", "models"])

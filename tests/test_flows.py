@@ -23,7 +23,7 @@ from PIL import Image
 from segflow.flows.artifacts import artifact_key
 from segflow.flows.deploy import deployment_name
 from segflow.flows.locking import OutputBusyError, output_limit_name, output_lock
-from segflow.flows.parameters import flow_parameters, segment_config, storage_options_scope
+from segflow.flows.parameters import JobSpec, flow_parameters, storage_options_scope
 from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 from tests.prefect_server import prefect_server, wait_for  # noqa: F401  (fixture)
 
@@ -95,7 +95,7 @@ def test_flow_parameters_rebuild_every_config_field_without_credentials():
     params = flow_parameters(cfg)
     assert SECRET not in json.dumps(params, default=str)
     with storage_options_scope(cfg.storage_options):
-        rebuilt = segment_config(**params)
+        rebuilt = _config_of(params)
     assert rebuilt == cfg
     assert rebuilt.storage_options == {"key": SECRET}
 
@@ -113,12 +113,22 @@ def test_deployment_parameters_survive_json_and_flow_validation():
     validated = evaluate_flow.validate_parameters(stored)
     validated["input"] = validated.pop("images")
     validated.pop("wait_for_output_seconds")
-    assert segment_config(**validated) == cfg
+    assert _config_of(validated) == cfg
 
     plain = cfg.with_(evaluation=None)
     validated = reprocess_flow.validate_parameters(to_jsonable_python(flow_parameters(plain)))
     assert (validated.pop("dry_run"), validated.pop("wait_for_output_seconds")) == (False, None)
-    assert segment_config(**validated) == plain
+    assert _config_of(validated) == plain
+
+
+def _config_of(params: dict) -> SegmentConfig:
+    """The engine config that flow parameters describe, as the flows build it."""
+    from segflow.flows.parameters import Evaluation
+
+    params = dict(params)
+    if "labels" in params:
+        params["evaluation"] = Evaluation(labels=params.pop("labels"), pairing=params.pop("pairing"))
+    return JobSpec(**params).to_config()
 
 
 def test_one_lock_name_per_output_location(tmp_path):

@@ -1,7 +1,8 @@
 """Flags shared by the commands that run the engine, and their translation into SegmentConfig.
 
-Every flag maps onto one field of `segflow.pipeline.config` objects; `config_from_args` is the
-only place that translation happens, so the CLI, config files and flows agree.
+Every flag is a leaf of the job's configuration tree (`segflow.flows.parameters.JobSpec`),
+generated from it with its description and default; `config_from_args` is the only place
+flags become a job, through that tree, so the CLI, config files and flows agree.
 """
 
 from __future__ import annotations
@@ -13,38 +14,27 @@ import tomllib
 from pathlib import Path
 
 from segflow.errors import UsageError
-from segflow.flows.parameters import Execution
-from segflow.pipeline.config import TTA_MODES, LabelPairing, ModelRef, SegmentConfig
+from segflow.flows.parameters import Execution, Incremental
+from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 
 
 def add_engine_args(p) -> None:
-    """Model, CRF, engine and storage flags (segment, evaluate, reprocess)."""
-    p.add_argument("--config", help="TOML or JSON file of option defaults (keys are flag names with underscores)")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", help="registry name (fcn8s_resnet18, deeplabv3_resnet50, ...); default: the bundled CamVid FCN-8s")
-    m.add_argument("--checkpoint", help="checkpoint URL (local path, s3://...): safetensors with segflow metadata")
-    m.add_argument("--weights", help="torchvision weights for --model: DEFAULT, an enum name, or none")
-    m.add_argument("--num-classes", type=int, help="classes of an untrained --model with --weights none")
-    m.add_argument("--seed", type=int, default=0, help="seed for --weights none (default 0)")
-    m.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation, averaged in logit space before the CRF: flip (2 passes) or flip-scales (0.75/1/1.25, 6 passes) (default none)")
-    m.add_argument("--working-size", type=working_size_arg, default=None, metavar="PX|full",
-                   help="long side (px) the network and the CRF run at; larger images are resized, their masks come back at the image's size "
-                        "(default: the checkpoint's training scale, else 512; full: every pixel)")
-    m.add_argument("--tiles", type=tiles_arg, default=None, metavar="SIZE,STRIDE",
-                   help="sliding-window inference over SIZE px tiles STRIDE px apart, logits averaged where they overlap; memory bounded by the tile; "
-                        "implies --working-size full unless given (default none: the whole image at once)")
+    """Model, CRF, engine, incremental-run and storage flags (segment, evaluate, reprocess, schedule).
+
+    Generated from the leaves of the job's configuration tree (segflow.flows.parameters.JobSpec):
+    each flag's help is its field's description and its default the field's default.
+    """
+    p.add_argument("--config", help="TOML or JSON file of option defaults: flag names with underscores, or the job tree's "
+                                    "tables ([model], [execution], [incremental], ...) (default: none)")
+    add_model_fields(p.add_argument_group("model"), ModelRef, parsers=MODEL_PARSERS)
     add_refinement_args(p)
     e = p.add_argument_group("engine")
-    e.add_argument("--ray-address", help="existing Ray cluster: auto, ray://host:port (default: start a local Ray)")
     add_model_fields(e, Execution, skip=("channels_last", "progress"))
     e.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
-    r = p.add_argument_group("incremental runs")
-    r.add_argument("--force", action="store_true", help="reprocess every image, even up-to-date ones")
-    r.add_argument("--prune", action="store_true", help="remove rows of images deleted from the source")
-    r.add_argument("--retry-errors", action="store_true", help="try again images that have error rows")
-    r.add_argument("--content-hash", action="store_true", help="detect changes by sha256 of the bytes, not size+etag/mtime")
+    add_model_fields(p.add_argument_group("incremental runs"), Incremental)
     s = p.add_argument_group("storage")
-    s.add_argument("--storage-options", help="JSON of fsspec options (e.g. endpoint, profile); prefer env vars for secrets")
+    s.add_argument("--storage-options", help="JSON of fsspec options (e.g. endpoint, profile); prefer env vars for secrets; "
+                                             "never stored as a flow parameter (default: none)")
 
 
 PARAMETER_HELP = {
@@ -95,30 +85,53 @@ def refinement_overrides(args) -> dict:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and k != "crf_workers" and v is not None}
 
 
-def add_model_fields(group, model, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a pydantic model, with its description and its one default.
+def add_model_fields(group, model, skip: tuple[str, ...] = (), parsers: dict | None = None) -> None:
+    """One flag per leaf of a branch of the job tree (a pydantic model or a dataclass), with its description and its one default.
 
-    The flows take the same models as parameters (Prefect's UI form), so the command line
-    and the flow schema cannot drift: tests/test_config.py compares them.
+    The flows take the same branches as parameters (Prefect's UI form), so the command line
+    and the flow schema cannot drift: tests/test_config.py compares them. `parsers` gives
+    a (type, metavar) for a leaf whose value needs its own syntax on the command line.
     """
     import typing
 
-    for name, info in model.model_fields.items():
+    parsers = parsers or {}
+    for name, annotation, default, description in branch_leaves(model):
         if name in skip:
             continue
         flag = f"--{name.replace('_', '-')}"
-        shown = "none" if info.default is None else info.default
-        help_text = f"{info.description} (default {shown})"
-        args = typing.get_args(info.annotation)
-        if typing.get_origin(info.annotation) is typing.Literal:
-            group.add_argument(flag, choices=args, default=info.default, help=help_text)
-        elif info.annotation is bool:
-            if info.default:
+        shown = "none" if default is None else default
+        help_text = f"{description} (default {shown})"
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if name in parsers:
+            kind, metavar = parsers[name]
+            group.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)
+        elif typing.get_origin(annotation) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(annotation), default=default, help=help_text)
+        elif annotation is bool:
+            if default:
                 raise TypeError(f"{model.__name__}.{name}: a flag for a bool that defaults to True needs a --no- form")
             group.add_argument(flag, action="store_true", help=help_text)
         else:
-            kind = next((a for a in args if a is not type(None)), info.annotation)
-            group.add_argument(flag, type=kind, default=info.default, help=help_text)
+            kind = args[0] if args else annotation
+            group.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def branch_leaves(branch) -> list[tuple[str, object, object, str]]:
+    """(name, annotation, default, description) of each field of a pydantic model or an annotated dataclass."""
+    import dataclasses
+    import typing
+
+    if hasattr(branch, "model_fields"):
+        return [(name, info.annotation, info.get_default(call_default_factory=True), info.description or "")
+                for name, info in branch.model_fields.items()]
+    hints = typing.get_type_hints(branch, include_extras=True)
+    leaves = []
+    for f in dataclasses.fields(branch):
+        hint = hints[f.name]
+        description = next((getattr(m, "description", None) for m in getattr(hint, "__metadata__", ()) if getattr(m, "description", None)), "")
+        annotation = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        leaves.append((f.name, annotation, f.default, description))
+    return leaves
 
 
 def apply_config_file(parser, path: str) -> None:
@@ -133,7 +146,7 @@ def apply_config_file(parser, path: str) -> None:
         raise UsageError(f"--config {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({exc})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a table of option names and values")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = flatten_job_tree({k.replace("-", "_"): v for k, v in values.items()}, path)
     if values.pop("no_crf", False):
         values["refinement"] = "none"
     if "crf" in values:  # the flag's name; its destination is `refinement`
@@ -149,35 +162,67 @@ def apply_config_file(parser, path: str) -> None:
 
 CONFIG_ONLY_KEYS = {"images", "labels", "output", "input"}  # positional arguments a config file may give by name
 
+# Tables of the job tree a config file may use, and how their keys map to flag destinations.
+TREE_TABLES = ("model", "refinement", "execution", "incremental", "storage", "evaluation")
+RENAMED_LEAVES = {("storage", "options"): "storage_options", ("refinement", "kind"): "refinement", ("pairing", "format"): "label_format"}
+
+
+def flatten_job_tree(values: dict, path: str) -> dict:
+    """A config file written as the job tree ([model], [execution], ...) as flag destinations.
+
+    `model` is also a flag (the registry name), so only a table is read as the branch.
+    Refinement parameters become their `crf_` flags; an evaluation's pairing table its flags.
+    """
+    flat = {}
+    for key, value in values.items():
+        if key not in TREE_TABLES or not isinstance(value, dict):
+            flat[key] = value
+            continue
+        for leaf, leaf_value in value.items():
+            leaf = leaf.replace("-", "_")
+            if key == "refinement" and leaf == "params":
+                if not isinstance(leaf_value, dict):
+                    raise UsageError(f"--config {path}: refinement.params must be a table of parameter names and values")
+                flat.update({f"crf_{name.replace('-', '_')}": v for name, v in leaf_value.items()})
+            elif key == "evaluation" and leaf == "pairing" and isinstance(leaf_value, dict):
+                flat.update({RENAMED_LEAVES.get(("pairing", k), k): v for k, v in leaf_value.items()})
+            else:
+                flat[RENAMED_LEAVES.get((key, leaf), leaf)] = leaf_value
+    return flat
+
 
 def config_from_args(args, input: str, output: str, evaluation: LabelPairing | None = None) -> SegmentConfig:
-    """Build the job's SegmentConfig from parsed flags."""
+    """Build the job's SegmentConfig from parsed flags, through the job tree, which validates it."""
+    from pydantic import ValidationError
+
+    from segflow.flows.parameters import Evaluation, Incremental, JobSpec, Pairing, Refinement
+
+    def branch(model) -> dict:
+        return {name: getattr(args, name) for name, *_ in branch_leaves(model) if hasattr(args, name)}
+
     overrides = refinement_overrides(args) if args.refinement != "none" else {}
-    return SegmentConfig(
-        input=input,
-        output=output,
-        model=ModelRef(args.model, args.checkpoint, args.weights, args.num_classes, args.seed, args.tta, args.working_size, args.tiles),
-        refinement=args.refinement,
-        crf_params=tuple(overrides.items()),
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        max_pixels=args.max_pixels,
-        ray_address=args.ray_address,
-        model_actors=args.model_actors,
-        crf_workers=args.crf_workers,
-        max_shards_in_flight=args.max_shards_in_flight,
-        max_shard_attempts=args.max_shard_attempts,
-        force=args.force,
-        prune=args.prune,
-        retry_errors=args.retry_errors,
-        content_hash=args.content_hash,
-        device=args.device,
-        autocast=args.autocast,
-        compile=args.compile,
-        evaluation=evaluation,
+    try:
+        spec = JobSpec(
+            input=input,
+            output=output,
+            model=ModelRef(**branch(ModelRef)),
+            refinement=Refinement(kind=args.refinement, params=overrides),
+            execution=Execution(**branch(Execution)),
+            incremental=Incremental(**branch(Incremental)),
+            evaluation=None if evaluation is None else Evaluation(
+                labels=evaluation.labels, pairing=Pairing(**{k: v for k, v in vars(evaluation).items() if k != "labels"})),
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = "--" + str(error["loc"][-1]).replace("_", "-") if error["loc"] else "the configuration"
+        raise UsageError(f"{where}: {error['msg']}") from None
+    return spec.to_config().with_(
         progress=not args.no_progress and sys.stderr.isatty(),
         storage_options=json_object("--storage-options", args.storage_options),
     )
+
+
+MODEL_PARSERS = {}  # filled below: leaves of ModelRef with a command-line syntax of their own
 
 
 def working_size_arg(text: str) -> int | str:
@@ -189,6 +234,9 @@ def tiles_arg(text: str) -> tuple[int, int]:
     """--tiles SIZE,STRIDE -> (size, stride) (ModelRef checks the values)."""
     size, _, stride = text.partition(",")
     return int(size), int(stride or size)
+
+
+MODEL_PARSERS.update(working_size=(working_size_arg, "PX|full"), tiles=(tiles_arg, "SIZE,STRIDE"))
 
 
 def json_object(flag: str, text: str | dict | None) -> dict:
