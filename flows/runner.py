@@ -268,6 +268,13 @@ def print_evaluation(evaluation: dict) -> None:
         print(f"segflow:   {reason}")
 
 
+def print_comparison(comparison: dict, output: str) -> None:
+    """One line per refiner: its mIoU and gain over the raw masks, then where the comparison page is."""
+    raw = comparison["raw"]["miou"]
+    parts = [f"{kind} {_pct(part['scores']['miou'])} ({_signed(part['scores']['miou'], raw)})" for kind, part in comparison["refiners"].items()]
+    print(f"segflow: mIoU raw {_pct(raw)}; " + ", ".join(parts) + f"; comparison: {output}/comparison.html")
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}"
 

@@ -1,4 +1,4 @@
-"""`segflow evaluate IMAGES LABELS OUTPUT`: segment a labelled collection and score it, raw vs CRF."""
+"""`segflow evaluate IMAGES LABELS OUTPUT`: segment a labelled collection and score it, raw vs CRF (or vs several refiners)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     g.add_argument("--ignore-index", type=int, help="void label value (default: the label set's, CamVid 11, else 255)")
     g.add_argument("--boundary-tolerance", type=int, default=d["boundary_tolerance"].default, help=f"boundary F-score tolerance in pixels (default {d['boundary_tolerance'].default})")
     g.add_argument("--trimap-width", type=int, default=d["trimap_width"].default, help=f"band around label boundaries for trimap mIoU, pixels (default {d['trimap_width'].default})")
-    add_engine_args(p)
+    add_engine_args(p, several_refiners=True)
     p.set_defaults(run=run, labels=None)
 
 
@@ -54,8 +54,44 @@ def run(args) -> int:
     missing = [n for n, v in (("IMAGES", args.images), ("LABELS", args.labels_location), ("OUTPUT", args.output)) if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}: give IMAGES LABELS OUTPUT, or a --config with images, labels, output")
-    cfg = config_from_args(args, args.images, args.output, evaluation=pairing_from_args(args))
-    run_evaluate_job(cfg)
+    kinds = args.refinement.split(",")
+    if len(kinds) == 1:
+        run_evaluate_job(config_from_args(args, args.images, args.output, evaluation=pairing_from_args(args)))
+        return 0
+    return run_several_refiners(args, kinds)
+
+
+def run_several_refiners(args, kinds: list[str]) -> int:
+    """`--crf dense,meanfield`: one evaluation per kind into OUTPUT/<kind>/, then OUTPUT/comparison.{json,html}.
+
+    Each kind is a complete evaluation (and so incremental on a rerun); every --crf-<param>
+    goes to the kinds that have it, and one that no listed kind has is an error, as for one kind.
+    """
+    import argparse
+    from dataclasses import fields
+
+    from segflow.flows.commands.options import refinement_overrides
+    from segflow.flows.runner import print_comparison, run_evaluate_job
+    from segflow.models.crf import REFINEMENTS
+    from segflow.pipeline.evaluation.comparison import compare_refiners
+
+    overrides = refinement_overrides(args)
+    declared = {k: {f.name for f in fields(REFINEMENTS[k].params_type)} if REFINEMENTS[k].params_type else set() for k in kinds}
+    orphans = [name for name in overrides if not any(name in names for names in declared.values())]
+    if orphans:
+        raise UsageError(f"--crf-{orphans[0].replace('_', '-')}: none of {', '.join(kinds)} has this parameter")
+    base = args.output.rstrip("/")
+    evaluations = {}
+    for kind in kinds:
+        sub = argparse.Namespace(**vars(args))
+        sub.refinement = kind
+        for name in overrides:
+            if name not in declared[kind]:
+                setattr(sub, f"crf_{name}", None)
+        print(f"segflow: evaluating --crf {kind} into {base}/{kind}")
+        cfg = config_from_args(sub, args.images, f"{base}/{kind}", evaluation=pairing_from_args(args))
+        _, evaluations[kind] = run_evaluate_job(cfg)
+    print_comparison(compare_refiners(base, evaluations, cfg.storage_options), base)
     return 0
 
 

@@ -18,7 +18,7 @@ from segflow.flows.parameters import Execution, Incremental
 from segflow.pipeline.config import LabelPairing, ModelRef, SegmentConfig
 
 
-def add_engine_args(p) -> None:
+def add_engine_args(p, several_refiners: bool = False) -> None:
     """Model, CRF, engine, incremental-run and storage flags (segment, evaluate, reprocess, schedule).
 
     Generated from the leaves of the job's configuration tree (segflow.flows.parameters.JobSpec):
@@ -27,7 +27,7 @@ def add_engine_args(p) -> None:
     p.add_argument("--config", help="TOML or JSON file of option defaults: flag names with underscores, or the job tree's "
                                     "tables ([model], [execution], [incremental], ...) (default: none)")
     add_model_fields(p.add_argument_group("model"), ModelRef, parsers=MODEL_PARSERS)
-    add_refinement_args(p)
+    add_refinement_args(p, several=several_refiners)
     e = p.add_argument_group("engine")
     add_model_fields(e, Execution, skip=("channels_last", "progress"))
     e.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
@@ -50,8 +50,8 @@ PARAMETER_HELP = {
 }
 
 
-def add_refinement_args(p) -> None:
-    """--crf KIND and one --crf-<param> flag per parameter of any registered kind.
+def add_refinement_args(p, several: bool = False) -> None:
+    """--crf KIND (with `several`, KIND[,KIND...]) and one --crf-<param> flag per parameter of any registered kind.
 
     The flags are generated from the kinds' parameter dataclasses (segflow.models.crf), so a
     new kind's parameters appear here without editing this file. A flag given overrides
@@ -62,8 +62,14 @@ def add_refinement_args(p) -> None:
     from segflow.models.crf import DEFAULT_REFINEMENT, REFINEMENTS
 
     c = p.add_argument_group("refinement (CRF)")
-    c.add_argument("--crf", dest="refinement", choices=tuple(REFINEMENTS), default=DEFAULT_REFINEMENT,
-                   help=f"refinement kind (default {DEFAULT_REFINEMENT}): " + "; ".join(f"{k}: {v.summary}" for k, v in REFINEMENTS.items()))
+    kinds = "; ".join(f"{k}: {v.summary}" for k, v in REFINEMENTS.items())
+    if several:
+        c.add_argument("--crf", dest="refinement", type=refinement_list, default=DEFAULT_REFINEMENT, metavar="KIND[,KIND...]",
+                       help=f"refinement kind, or several separated by commas, each evaluated into OUTPUT/<kind>/ against the same "
+                            f"raw masks and compared in OUTPUT/comparison.html (default {DEFAULT_REFINEMENT}): {kinds}")
+    else:
+        c.add_argument("--crf", dest="refinement", choices=tuple(REFINEMENTS), default=DEFAULT_REFINEMENT,
+                       help=f"refinement kind (default {DEFAULT_REFINEMENT}): {kinds}")
     c.add_argument("--no-crf", dest="refinement", action="store_const", const="none", default=DEFAULT_REFINEMENT, help=f"the same as --crf none: masks are the model's argmax (default off, i.e. --crf {DEFAULT_REFINEMENT})")
     seen: dict[str, list[str]] = {}
     declared: dict[str, object] = {}
@@ -77,6 +83,19 @@ def add_refinement_args(p) -> None:
         what = PARAMETER_HELP.get(pname, pname.replace("_", " "))
         c.add_argument(f"--crf-{pname.replace('_', '-')}", dest=f"crf_{pname}", type=kind_type,
                        help=f"{what} (default: the checkpoint's tuned value, else {', '.join(defaults)})")
+
+
+def refinement_list(text: str) -> str:
+    """--crf dense,meanfield: registered kinds, each once (argparse's one-line error otherwise)."""
+    import argparse
+
+    from segflow.models.crf import REFINEMENTS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in REFINEMENTS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give kinds of {', '.join(REFINEMENTS)}, each once, separated by commas")
+    return ",".join(kinds)
 
 
 def refinement_overrides(args) -> dict:
