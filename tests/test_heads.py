@@ -119,11 +119,30 @@ def test_context_mean_field_equals_its_definition_on_a_tiny_grid():
             q = logits.softmax(0)
             messages = torch.zeros_like(unary)
             for net, i, j in edges:
-                table = net(e[:, i[0], i[1]], e[:, j[0], j[1]])  # rows: node i's label
+                table = _pmi(net(e[:, i[0], i[1]], e[:, j[0], j[1]]))  # rows: node i's label
                 messages[:, i[0], i[1]] += table @ q[:, j[0], j[1]] / degree[net, i]
                 messages[:, j[0], j[1]] += table.T @ q[:, i[0], i[1]] / degree[net, j]
             logits = unary + messages
     assert torch.allclose(got, logits, atol=1e-5)
+
+
+def _pmi(table: torch.Tensor) -> torch.Tensor:
+    """log P(u, v) / (P(u) P(v)), P the softmax of the table over its K*K entries, written out."""
+    p = table.flatten().softmax(0).view_as(table)
+    return (p / (p.sum(1, keepdim=True) * p.sum(0, keepdim=True))).log()
+
+
+def test_context_potentials_are_pmi_zero_for_independent_labels():
+    """What a table says beyond its labels' frequencies: nothing, when the labels are independent."""
+    from segflow.models.heads.context import pointwise_mutual_information
+
+    torch.manual_seed(1)
+    a, b = torch.randn(4, 1), torch.randn(1, 4)
+    assert torch.allclose(pointwise_mutual_information(a + b), torch.zeros(4, 4), atol=1e-5)  # log P(u,v) = log P(u) + log P(v)
+    table = torch.randn(2, 4, 4)
+    assert torch.allclose(pointwise_mutual_information(table)[1], _pmi(table[1]), atol=1e-5)
+    sym = table + table.transpose(-1, -2)
+    assert torch.allclose(pointwise_mutual_information(sym), pointwise_mutual_information(sym).transpose(-1, -2), atol=1e-6)
 
 
 def test_dpn_triple_penalty_equals_its_definition():

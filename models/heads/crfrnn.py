@@ -50,8 +50,8 @@ class CRFRNNConfig:
     window_size: int = 11
     gaussian_sxy: float = 3.0
     gaussian_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 3.0
+    bilateral_sxy: float = 80.0  # the bundled model's (v2) tuned dense-CRF values (MODEL_CARD.md)
+    bilateral_srgb: float = 13.0
     bilateral_compat: float = 5.0
 
     def __post_init__(self):
