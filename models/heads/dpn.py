@@ -26,8 +26,13 @@ What changed from the paper, and why:
 - the pair weight a(j, z) uses colour only, inside a box window, and is normalised over
   the window so T stays a probability map; the colour bandwidth sigma (0..255 scale) is
   learned (through its logarithm). DPN's d(j, z) also mixed in spatial distance.
-- the context filters are initialised near zero, so an untrained head predicts what the
-  FCN predicts (q = p), and staged training starts from the base model's accuracy.
+- the context filters are initialised to a Potts model (`potts_init`, 6): each component's
+  penalty of class u is -6 T(i, u), so an untrained head is one mean-field step of a CRF
+  with DPN's appearance kernel, and staged training starts above the base model and learns
+  the label contexts from there (as CRF-as-RNN initialises its compatibility to Potts).
+  Measured on every 4th CamVid val image with the bundled v2 FCN, untrained: 62.09 mIoU at
+  0 (the FCN itself), 62.97 at 3, 63.00 at 6, 63.17 at 6 with sigma 15 (the default). The
+  first head, trained from near-zero filters on v1, gained 0.32 mIoU in 8 epochs.
 - training is staged (the paper's incremental scheme, first two stages): the FCN is the
   trained and frozen unary; the MRF layers learn with the cross-entropy of q.
 
@@ -58,12 +63,13 @@ class DPNConfig:
     window: int = 11
     components: int = 5
     context_kernel: int = 9
-    sigma: float = 30.0
+    sigma: float = 15.0
+    potts_init: float = 6.0  # initial label context: a penalty of -potts_init * T(i, u) on a pixel's own class
 
     def __post_init__(self):
         if self.window % 2 == 0 or self.context_kernel % 2 == 0:
             raise ValueError(f"DPN window ({self.window}) and context kernel ({self.context_kernel}) must be odd")
-        if self.stride < 1 or self.components < 1 or self.sigma <= 0:
+        if self.stride < 1 or self.components < 1 or self.sigma <= 0 or self.potts_init < 0:
             raise ValueError(f"DPN stride, components and sigma must be positive, got {self}")
 
 
@@ -81,8 +87,14 @@ class DPNHead(Head):
         self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.sigma)))
         self.context = nn.Conv2d(num_classes, num_classes * cfg.components, cfg.context_kernel, padding=cfg.context_kernel // 2)
         with torch.no_grad():
-            self.context.weight.normal_(0.0, 1e-3)  # near zero: the untrained head is the FCN
+            self.context.weight.normal_(0.0, 1e-3)  # small noise: the components start apart
             self.context.bias.zero_()
+            # Potts: every component rewards the pixel's own class by potts_init times its
+            # appearance-smoothed probability, i.e. one mean-field step of a CRF with an
+            # appearance kernel, which training then generalises to label contexts.
+            centre = cfg.context_kernel // 2
+            for u in range(num_classes):
+                self.context.weight[u * cfg.components : (u + 1) * cfg.components, u, centre, centre] -= cfg.potts_init
 
     def output_stride(self) -> int:
         return self.config.stride
