@@ -77,6 +77,27 @@ def release(checkpoint: str, output: str, val_images: str, val_labels: str, work
     return meta
 
 
+def release_head(checkpoint: str, output: str, val_images: str, val_labels: str) -> dict:
+    """A trained head's checkpoint as bundled: the stored weights scored on val, without a CRF search.
+
+    A complete checkpoint (a jointly trained head such as crfrnn) is stored as float16, like
+    the bundled model; a head-only one (a few hundred kB) keeps its precision. The metrics
+    written are those of the stored file, through the engine's upsampling, so the card and
+    tests/test_bundled_heads.py state what users get.
+    """
+    state, meta, _ = read_checkpoint(checkpoint)
+    dtype = None if "base" in meta else torch.float16
+    save_checkpoint(output, state, meta, float_dtype=dtype)
+    loaded = load_model(checkpoint=output)
+    t0 = time.perf_counter()
+    samples = _val_samples(loaded, load_folder_pair(val_images, val_labels))
+    raw = _score([(s[2], s[1].argmax(0)) for s in samples], loaded.labels)
+    meta = {**meta, "metrics": {**meta.get("metrics", {}), "val_miou": round(raw["miou"], 4), "val_per_class_iou": raw["per_class"],
+                                "stored_as": "float16" if dtype else "float32", "evaluation_seconds": round(time.perf_counter() - t0, 1)}}
+    save_checkpoint(output, state, meta, float_dtype=dtype)
+    return meta
+
+
 def _val_samples(loaded, data) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(rgb, probabilities, label) per val image, probabilities computed as the engine does."""
     mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
@@ -184,7 +205,12 @@ def main() -> None:
     p.add_argument("--card", help="model card path (default: MODEL_CARD.md beside --output)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--training-note", default="", help="a line for the card about how the run went (resumes, schedule changes)")
+    p.add_argument("--head", action="store_true", help="a trained head (dpn, context, crfrnn): score the stored weights, no CRF search, no card")
     args = p.parse_args()
+    if args.head:
+        meta = release_head(args.checkpoint, args.output, args.val_images, args.val_labels)
+        print(json.dumps({"val_miou": meta["metrics"]["val_miou"]}))
+        return
     meta = release(args.checkpoint, args.output, args.val_images, args.val_labels, args.workers)
     card = Path(args.card) if args.card else Path(args.output).parent / "MODEL_CARD.md"
     write_model_card(meta, card, Path(args.output), args.training_note)

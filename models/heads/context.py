@@ -191,8 +191,9 @@ def pointwise_mutual_information(theta: torch.Tensor) -> torch.Tensor:
     says beyond the two labels' own frequencies (sky above road: more than chance), is 0 for
     independent labels, and stays symmetric when the table is.
     """
-    joint = theta - theta.logsumexp(dim=(-2, -1), keepdim=True)
-    return joint - joint.logsumexp(dim=-1, keepdim=True) - joint.logsumexp(dim=-2, keepdim=True)
+    joint = theta.flatten(-2).log_softmax(-1).view_as(theta)  # log P(u, v)
+    p = joint.exp()  # one exponential of the table, not one per marginal
+    return joint - p.sum(-1, keepdim=True).log() - p.sum(-2, keepdim=True).log()
 
 
 class SymmetricPairwise(nn.Module):
