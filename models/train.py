@@ -136,6 +136,12 @@ def train(cfg: TrainConfig) -> dict:
     std = torch.tensor(normalization["std"], device=device).view(1, 3, 1, 1)
     scored = averaged.module if averaged is not None else net  # what val scores and the checkpoint holds
     step = start_epoch * steps_per_epoch(len(train_set.images), cfg.batch_size)
+    if start_epoch == 0 and base is not None:
+        # The starting point is a candidate too: a trained base, or a head whose initial layer
+        # already means something (DPN's Potts context), may score better than what training
+        # on augmented crops gives, and selecting on val should see it.
+        best = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch=0, elapsed=0.0)
+        history.append({"epoch": 0, "val_miou": best["miou"]})
     bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="train", file=sys.stderr)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -162,16 +168,8 @@ def train(cfg: TrainConfig) -> dict:
         if len(terms) > 1:
             record["terms"] = {name: float(np.mean(values)) for name, values in terms.items()}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            confusion = evaluate(scored, val_set, labels.num_classes, labels.ignore_index)
-            record["val_miou"] = mean_iou(confusion)
-            if record["val_miou"] > best["miou"]:
-                best = {
-                    "miou": record["val_miou"],
-                    "epoch": epoch + 1,
-                    "per_class_iou": dict(zip(labels.classes, per_class_iou(confusion).round(4).tolist())),
-                    "train_seconds": round(elapsed, 1),
-                }
-                _save_deployable(cfg, scored, labels, architecture, normalization, base, best)
+            best = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch + 1, elapsed)
+            record["val_miou"] = best["last"]
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_miou=f"{best['miou']:.3f}")
         torch.save(
@@ -191,6 +189,21 @@ def train(cfg: TrainConfig) -> dict:
         state_path.with_suffix(".tmp").replace(state_path)
         (work / "history.json").write_text(json.dumps(history, indent=1))
     return best
+
+
+def _score_and_keep(cfg, net, val_set, labels, architecture, normalization, base, best: dict, epoch: int, elapsed: float) -> dict:
+    """Score `net` on val; on a new best, write the deployable checkpoint. -> the best so far, with "last" the score now."""
+    confusion = evaluate(net, val_set, labels.num_classes, labels.ignore_index)
+    miou = mean_iou(confusion)
+    if miou > best["miou"]:
+        best = {
+            "miou": miou,
+            "epoch": epoch,
+            "per_class_iou": dict(zip(labels.classes, per_class_iou(confusion).round(4).tolist())),
+            "train_seconds": round(elapsed, 1),
+        }
+        _save_deployable(cfg, net, labels, architecture, normalization, base, best)
+    return best | {"last": miou}
 
 
 def training_device(name: str) -> torch.device:

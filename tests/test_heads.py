@@ -260,4 +260,4 @@ def test_train_writes_a_resumable_head_only_checkpoint(tmp_path, base_checkpoint
     first = json.loads((tmp_path / "work" / "history.json").read_text())
     train(dataclasses.replace(cfg, epochs=2, resume=True))  # continues from state.pt
     history = json.loads((tmp_path / "work" / "history.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2] and history[0] == first[0]
+    assert [r["epoch"] for r in history] == [0, 1, 2] and history[:2] == first[:2]  # epoch 0: the starting point, scored
