@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segflow.pipeline import job
-    from segflow.pipeline.config import SegmentConfig
+    from segflow.flows.parameters import Execution, JobSpec
     from segflow.pipeline.masks import decode_mask
     from segflow.pipeline.reader import read_masks
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         masks = {}
         for batch in args.batch_sizes:
             out = Path(tmp) / f"out-{batch}"
-            job.run_segment(SegmentConfig(input=str(listing), output=str(out), batch_size=batch, progress=False))
+            spec = JobSpec(input=str(listing), output=str(out), execution=Execution(batch_size=batch))  # built as the CLI builds jobs
+            job.run_segment(spec.to_config().with_(progress=False))
             masks[batch] = {r["uri"]: r for r in read_masks(str(out), columns=["uri", "mask", "raw_mask"]).to_pylist()}
     a, b = (masks[s] for s in args.batch_sizes)
     report = {"images": len(a), "batch_sizes": args.batch_sizes}

@@ -91,7 +91,7 @@ def _write_parquet_manifest(path: Path, entries: int) -> Path:
 def _measure(spec: dict) -> dict:
     """In the fresh child: build the input if it is memory://, then time list_stage + plan_stage."""
     from segflow.pipeline import job
-    from segflow.pipeline.config import SegmentConfig
+    from segflow.flows.parameters import Execution, JobSpec
 
     sys.path.insert(0, str(REPO / "bench"))
     from inputs import choose_model  # the bundled model when it exists, else a random-weight FCN-8s
@@ -103,7 +103,8 @@ def _measure(spec: dict) -> dict:
         input_url = _fill_memory_store(spec["entries"])
         store_seconds = round(time.perf_counter() - t0, 2)
     rss_before = _max_rss_mib()
-    cfg = SegmentConfig(input=input_url, output=str(Path(spec["tmp"]) / "out"), model=choose_model(), shard_size=spec["shard_size"], progress=False)
+    cfg = JobSpec(input=input_url, output=str(Path(spec["tmp"]) / "out"), model=choose_model(),
+                  execution=Execution(shard_size=spec["shard_size"])).to_config().with_(progress=False)
     t0 = time.perf_counter()
     manifest = job.list_stage(cfg)
     t1 = time.perf_counter()

@@ -119,8 +119,11 @@ def main() -> None:
         if not Path(path).exists():
             print(f"{title}: no checkpoint at {path}; skipped", flush=True)
             continue
-        results.update(score(load_model(checkpoint=path), {title: None}, data, args.limit))
-        results[title]["checkpoint"] = path
+        variants = {title: None}
+        if head == "context":  # Lin et al. follow their coarse prediction with the dense CRF
+            variants[f"{title} + dense CRF"] = resolve_refinement("dense", tuned=tuned)
+        for name, r in score(load_model(checkpoint=path), variants, data, args.limit).items():
+            results[name] = r | {"checkpoint": path}
     for name, r in results.items():
         print(json.dumps({"variant": name, **r}), flush=True)
     print("| variant | mIoU | boundary F | trimap mIoU 2/5/10 px | CPU-s/image |\n|---|---|---|---|---|")
