@@ -124,9 +124,10 @@ def train(cfg: TrainConfig) -> dict:
             raise CheckpointError(f"{state_path}: this run trained on another base checkpoint; resume with the same --base, or start a new --work-dir")
         net.load_state_dict(state["model"], strict=not net.base_frozen)
         opt.load_state_dict(state["optimizer"])
+        if ("ema" in state) != (averaged is not None):
+            how = "with --ema" if "ema" in state else "without --ema"
+            raise CheckpointError(f"{state_path}: this run trained {how}; resume it the same way, or start a new --work-dir")
         if averaged is not None:
-            if "ema" not in state:
-                raise CheckpointError(f"{state_path}: this run trained without --ema; resume without it, or start a new --work-dir")
             averaged.load_state_dict(state["ema"], strict=not net.base_frozen)
         gen.set_state(state["generator"])
         start_epoch, best, elapsed = state["epoch"], json.loads(state["best"]), state["elapsed"]

@@ -261,3 +261,32 @@ def test_train_writes_a_resumable_head_only_checkpoint(tmp_path, base_checkpoint
     train(dataclasses.replace(cfg, epochs=2, resume=True))  # continues from state.pt
     history = json.loads((tmp_path / "work" / "history.json").read_text())
     assert [r["epoch"] for r in history] == [0, 1, 2] and history[:2] == first[:2]  # epoch 0: the starting point, scored
+
+
+def test_ema_training_saves_the_average_and_resumes_only_as_it_started(tmp_path, base_checkpoint):
+    """--ema: the checkpoint holds torch's moving average of the weights, not the last step's; the state keeps it."""
+    from segflow.models.train import TrainConfig, train
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / f"{split}annot").mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 12, (48, 64), dtype=np.uint8)).save(tmp_path / f"{split}annot" / f"{i}.png")
+    base_path, _, _ = base_checkpoint
+    cfg = TrainConfig(
+        images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),
+        val_labels=str(tmp_path / "valannot"), output=str(tmp_path / "out.safetensors"), work_dir=str(tmp_path / "work"),
+        base=base_path, lr=1e-2, epochs=1, batch_size=2, crop=(32, 48), eval_every=1, ema=0.5,
+    )
+    train(cfg)  # two steps: the average is 0.5 * after-step-1 + 0.5 * after-step-2
+    state = torch.load(tmp_path / "work" / "state.pt", weights_only=True)
+    last, average = state["model"], {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    changed = [k for k in last if last[k].is_floating_point() and not torch.equal(last[k], average[k])]
+    assert changed, "the moving average should differ from the last step's weights"
+    assert int(state["ema"]["n_averaged"]) == 2
+    with pytest.raises(CheckpointError, match="trained with --ema"):
+        train(dataclasses.replace(cfg, epochs=2, ema=0.0, resume=True))
+    train(dataclasses.replace(cfg, epochs=2, resume=True))
+    assert int(torch.load(tmp_path / "work" / "state.pt", weights_only=True)["ema"]["n_averaged"]) == 4
