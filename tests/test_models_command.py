@@ -21,6 +21,9 @@ def test_models_lists_every_registry_entry_and_the_bundled_cards_score(capsys):
     bundled = listed["models"][0]
     meta, _ = read_checkpoint_meta(str(catalog.BUNDLED_CHECKPOINT))
     assert bundled["name"] == "bundled" and bundled["val_miou"] == meta["metrics"]["val_miou"]
+    for entry in listed["models"]:
+        if entry["name"] in catalog.HEAD_MODELS and catalog.head_checkpoint_path(entry["name"]).exists():  # a bundled head: its card's score
+            assert entry["val_miou"] == read_checkpoint_meta(str(catalog.head_checkpoint_path(entry["name"])))[0]["metrics"]["val_miou"]
 
 
 def test_models_table_names_each_refinement_kind_with_one_line(capsys):
@@ -42,4 +45,4 @@ def test_a_head_model_says_whether_its_checkpoint_exists(capsys, tmp_path, monke
     monkeypatch.setattr(catalog, "head_checkpoint_path", lambda n: tmp_path / f"camvid_{n}.safetensors")
     assert "no checkpoint yet" in listed()
     (tmp_path / f"camvid_{name}.safetensors").write_bytes(b"")
-    assert "no checkpoint yet" not in listed()
+    assert "no checkpoint yet" not in listed() and "does not read" in listed()

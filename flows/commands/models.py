@@ -39,8 +39,14 @@ def registry_entries() -> dict:
         models.append({"name": name, "summary": "segflow's FCN, untrained: `segflow train`, or --weights none for seeded random weights"})
     for name in catalog.HEAD_MODELS:
         head = name.rsplit("_", 1)[1]
-        present = catalog.head_checkpoint_path(name).exists()
-        models.append({"name": name, "summary": f"the bundled FCN-8s with the {head} head" + ("" if present else " (no checkpoint yet: `segflow train --head " + head + "`)")})
+        path = catalog.head_checkpoint_path(name)
+        entry = {"name": name, "summary": f"the bundled FCN-8s with the {head} head" + ("" if path.exists() else " (no checkpoint yet: `segflow train --head " + head + "`)")}
+        if path.exists():
+            try:
+                entry["val_miou"] = read_checkpoint_meta(str(path))[0].get("metrics", {}).get("val_miou")
+            except Exception as exc:  # listed with its trouble, not a traceback: loading it says the same in full
+                entry["summary"] += f" (its checkpoint does not read: {str(exc).splitlines()[0][:120]})"
+        models.append(entry)
     for name in catalog.TORCHVISION_MODELS:
         models.append({"name": name, "summary": "torchvision's model (VOC classes); --weights DEFAULT downloads its weights"})
     heads = []
