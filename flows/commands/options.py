@@ -241,9 +241,6 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
     )
 
 
-MODEL_PARSERS = {}  # filled below: leaves of ModelRef with a command-line syntax of their own
-
-
 def working_size_arg(text: str) -> int | str:
     """--working-size: "full" or a long side in pixels (ModelRef checks the range)."""
     return text if text == "full" else int(text)
@@ -255,7 +252,8 @@ def tiles_arg(text: str) -> tuple[int, int]:
     return int(size), int(stride or size)
 
 
-MODEL_PARSERS.update(working_size=(working_size_arg, "PX|full"), tiles=(tiles_arg, "SIZE,STRIDE"))
+# Leaves of ModelRef with a command-line syntax of their own: (type, metavar).
+MODEL_PARSERS = {"working_size": (working_size_arg, "PX|full"), "tiles": (tiles_arg, "SIZE,STRIDE")}
 
 
 def json_object(flag: str, text: str | dict | None) -> dict:
