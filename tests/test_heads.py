@@ -94,14 +94,15 @@ def test_above_below_is_asymmetric_and_surrounding_symmetric():
     assert torch.allclose(s_ij, s_ji) and torch.equal(s_ij, s_ij.T)
 
 
-def test_context_mean_field_equals_its_definition_on_a_tiny_grid():
+@pytest.mark.parametrize("potentials,weight", [("likelihood", 0.2), ("pmi", 1.0)])
+def test_context_mean_field_equals_its_definition_on_a_tiny_grid(potentials, weight):
     """Each update: Q = softmax(logits); logits = U + per-relation mean over neighbours of theta Q_partner."""
     from segflow.models.heads.base import HeadInputs
     from segflow.models.heads.context import ContextConfig
 
     torch.manual_seed(0)
     k, h, w = 3, 4, 5
-    head = ContextCRFHead(k, {"s8": 4, "s16": 4, "s32": 4}, 8, ContextConfig(range_box=2, iterations=2, embed=5, hidden=6)).eval()
+    head = ContextCRFHead(k, {"s8": 4, "s16": 4, "s32": 4}, 8, ContextConfig(range_box=2, iterations=2, embed=5, hidden=6, potentials=potentials, pairwise_weight=weight)).eval()
     inputs = HeadInputs(torch.zeros(1, 3, 32, 40), {s: torch.randn(1, 4, h, w) for s in ("s8", "s16", "s32")}, torch.randn(1, k, h, w), 8, (0, 0, 0), (1, 1, 1))
     with torch.no_grad():
         got = head(inputs)[0]
@@ -119,7 +120,8 @@ def test_context_mean_field_equals_its_definition_on_a_tiny_grid():
             q = logits.softmax(0)
             messages = torch.zeros_like(unary)
             for net, i, j in edges:
-                table = _pmi(net(e[:, i[0], i[1]], e[:, j[0], j[1]]))  # rows: node i's label
+                table = net(e[:, i[0], i[1]], e[:, j[0], j[1]])  # rows: node i's label
+                table = weight * (_pmi(table) if potentials == "pmi" else table)
                 messages[:, i[0], i[1]] += table @ q[:, j[0], j[1]] / degree[net, i]
                 messages[:, j[0], j[1]] += table.T @ q[:, i[0], i[1]] / degree[net, j]
             logits = unary + messages
@@ -226,14 +228,12 @@ def test_head_only_checkpoint_round_trips_and_refuses_another_base(tmp_path, bas
         assert "\n" not in str(info.value) and base_sha[:16] in str(info.value)
 
 
-def test_head_model_without_its_checkpoint_names_the_training_command():
-    from segflow.models.catalog import ModelUnavailableError, head_checkpoint_path
+def test_head_model_without_its_checkpoint_names_the_training_command(tmp_path, monkeypatch):
+    from segflow.models import catalog
 
-    name = "fcn8s_resnet18_context"
-    if head_checkpoint_path(name).exists():
-        pytest.skip("a trained context head is installed")
-    with pytest.raises(ModelUnavailableError, match="segflow train --head context"):
-        load_model(name)
+    monkeypatch.setattr(catalog, "head_checkpoint_path", lambda n: tmp_path / f"camvid_{n}.safetensors")  # an install without it
+    with pytest.raises(catalog.ModelUnavailableError, match="segflow train --head context"):
+        load_model("fcn8s_resnet18_context")
 
 
 def test_train_writes_a_resumable_head_only_checkpoint(tmp_path, base_checkpoint):
