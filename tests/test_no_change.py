@@ -6,7 +6,7 @@ refinement registry, the configuration model and the package moves) from
 raw mask and fingerprint must come out byte-identical, and an OUTPUT written then must
 still be up to date. The model is milestone 1's bundled checkpoint, found by its sha256
 among the bundled files: once a retrained default shipped, it stayed bundled beside it
-(the DPN head was trained on it), and a checkpoint's fingerprint is its content's, not
+(outputs made with it can still be reprocessed), and a checkpoint's fingerprint is its content's, not
 its path's.
 """
 
