@@ -32,9 +32,9 @@ refine their coarse prediction.
 
 Defaults: R = 4 (a 9x9-node box, 72x72 px around each node at stride 8: 40 surrounding
 and 36 above/below pair tables per node), 3 mean-field iterations. Cost per 480x360
-image, measured on this project's 2-core CPU while shared (load average 8-13): 1.0-2.0
-CPU-seconds for the head, against 0.5-0.8 for the FCN-8s itself; a piecewise training
-step (batch 8 at 176x224) 3.6-4.2 CPU-seconds.
+image on this project's idle 2-core CPU (bench/structured_card.py, CamVid val): 0.67
+CPU-seconds with the FCN-8s (0.13 alone); a piecewise training epoch (367 images, 256x352
+crops) ~100 s on 2 threads.
 
 What differs from the paper, and why: Lin et al. train the unary and pairwise networks
 (and a multi-scale FeatMap-Net) together, piecewise, from the image; here the unary is
