@@ -69,7 +69,7 @@ def test_a_config_file_may_be_the_job_tree(tmp_path):
 
 
 def test_a_value_the_tree_refuses_is_a_one_line_usage_error():
-    with pytest.raises(UsageError, match=r"^--shard-size: Input should be greater than or equal to 1$"):
+    with pytest.raises(UsageError, match=r"^--shard-size: Input should be greater than or equal to 1, got 0$"):
         config_from_args(_parse("segment", "i", "o", "--shard-size", "0"), "i", "o")
 
 

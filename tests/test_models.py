@@ -132,23 +132,6 @@ def test_label_sets_have_a_colour_per_class():
     assert len(CAMVID.flat_palette()) == 768
 
 
-def test_bundled_model_reaches_its_model_card_miou_on_camvid_val(camvid):
-    import numpy as np
-
-    from segflow.models.data import load_folder_pair
-    from segflow.models.train import evaluate
-    from segflow.pipeline.evaluation.metrics import mean_iou
-
-    if not BUNDLED_CHECKPOINT.exists():
-        pytest.skip("the bundled model has not been trained into this checkout yet")
-    loaded = load_model()
-    stated = loaded.meta["metrics"]["val_miou"]
-    torch.set_num_threads(2)
-    confusion = evaluate(loaded.net, load_folder_pair(camvid / "val", camvid / "valannot"), CAMVID.num_classes, CAMVID.ignore_index)
-    assert abs(mean_iou(confusion) - stated) <= 0.005, json.dumps({"measured": mean_iou(confusion), "stated": stated})
-    assert np.isfinite(stated) and stated >= 0.5
-
-
 def test_a_compiled_model_actor_gives_the_eager_masks(tmp_path):
     """`--compile` wraps the network in torch.compile; masks must not change (CPU inductor here)."""
     import shutil

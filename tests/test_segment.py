@@ -120,7 +120,7 @@ def test_config_file_values_become_option_defaults(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "segflow.flows.cli", "segment", str(tmp_path), str(tmp_path / "out"), "--config", str(config)], capture_output=True, text=True
     )
-    assert result.returncode == 2 and "--shard-size must be >= 1, got 0" in result.stderr
+    assert result.returncode == 2 and "--shard-size: Input should be greater than or equal to 1, got 0" in result.stderr
 
 
 def test_offline_torchvision_weights_fail_in_one_line_before_any_work(tmp_path):

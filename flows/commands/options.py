@@ -234,7 +234,7 @@ def config_from_args(args, input: str, output: str, evaluation: LabelPairing | N
     except ValidationError as exc:
         error = exc.errors()[0]
         where = "--" + str(error["loc"][-1]).replace("_", "-") if error["loc"] else "the configuration"
-        raise UsageError(f"{where}: {error['msg']}") from None
+        raise UsageError(f"{where}: {error['msg']}, got {error.get('input')!r}") from None
     return spec.to_config().with_(
         progress=not args.no_progress and sys.stderr.isatty(),
         storage_options=json_object("--storage-options", args.storage_options),
