@@ -78,3 +78,30 @@ def test_a_head_finds_the_bundled_base_it_was_trained_on_beside_a_newer_default(
     assert catalog.base_location(meta, "head") == str(bundle / "camvid_fcn8s_resnet18_old.safetensors")
     (bundle / "camvid_fcn8s_resnet18_old.safetensors").unlink()
     assert catalog.base_location(meta, "head") == str(default)
+
+
+@pytest.mark.parametrize("name", BUNDLED_HEADS)
+def test_a_model_actor_runs_a_bundled_head_by_name_and_gives_its_masks(camvid, name):
+    """`--model fcn8s_resnet18_<head>`: the model actor's masks (the engine's upsampling, no CRF) are the head's own argmax."""
+    from segflow.models.catalog import describe_model
+    from segflow.pipeline.config import ModelRef
+    from segflow.pipeline.inference import InferenceOptions, ModelWorker
+    from segflow.pipeline.masks import decode_mask
+    from segflow.pipeline.refine import RefineContext
+    from segflow.pipeline.sharding import Shard
+
+    images = sorted((camvid / "val").iterdir())[:2]
+    info = describe_model(name, None, None, None, 0)
+    worker = ModelWorker(ModelRef(model=name), InferenceOptions(threads=2))
+    context = RefineContext(refiner=None, num_classes=info.labels.num_classes, flat_palette=tuple(info.labels.flat_palette()), fingerprints={})
+    outputs = list(worker.infer_shard(Shard("test", tuple(str(p) for p in images), ("a", "b"), (None, None)), context))
+    assert all("mask" in out for out in outputs), outputs
+    loaded = load_model(model=name)
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    data = load_folder_pair(str(camvid / "val"), str(camvid / "valannot"), 2)  # the first 2 by name, as listed
+    with torch.inference_mode():
+        for out, image, path in zip(outputs, data.images, images):
+            expected = loaded.net.eval()((image[None].float() / 255 - mean) / std).argmax(1)[0].numpy()
+            got = decode_mask(out["mask"]["mask"])
+            assert (got == expected).mean() >= 0.999, f"{name}: the actor's mask is not the head's argmax on {path.name}"
