@@ -18,6 +18,7 @@ import math
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from segflow.flows.locking import canonical_output
+from segflow.pipeline.evaluation.metrics import minus
 from segflow.pipeline.storage import redact
 
 
@@ -71,11 +72,11 @@ def publish_evaluation(evaluation: dict, classes: list[str], output: str) -> Non
     raw_iou = (raw.get("per_class") or {}).get("iou") or []
     crf_iou = (crf.get("per_class") or {}).get("iou") or []
     rows = [{"class": "mIoU (all classes)", "IoU raw": _cell(raw.get("miou")), "IoU CRF": _cell(crf.get("miou")),
-             "CRF gain": _cell(_minus(crf.get("miou"), raw.get("miou")))}]
+             "CRF gain": _cell(minus(crf.get("miou"), raw.get("miou")))}]
     for i, name in enumerate(classes):
         r = raw_iou[i] if i < len(raw_iou) else None
         c = crf_iou[i] if i < len(crf_iou) else None
-        rows.append({"class": name, "IoU raw": _cell(r), "IoU CRF": _cell(c), "CRF gain": _cell(_minus(c, r))})
+        rows.append({"class": name, "IoU raw": _cell(r), "IoU CRF": _cell(c), "CRF gain": _cell(minus(c, r))})
     create_table_artifact(
         table=rows,
         key=artifact_key("evaluation", output),
@@ -111,10 +112,6 @@ def _link(location: str) -> str:
     """A URL for the UI: local paths become file:// URLs; credentials are dropped."""
     uri = canonical_output(location)
     return redact(f"file://{uri}" if uri.startswith("/") else uri)
-
-
-def _minus(a, b):
-    return None if a is None or b is None else a - b
 
 
 def _cell(value):

@@ -141,8 +141,8 @@ def train(cfg: TrainConfig) -> dict:
         # The starting point is a candidate too: a trained base, or a head whose initial layer
         # already means something (DPN's Potts context), may score better than what training
         # on augmented crops gives, and selecting on val should see it.
-        best = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch=0, elapsed=0.0)
-        history.append({"epoch": 0, "val_miou": best["miou"]})
+        best, miou = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch=0, elapsed=0.0)
+        history.append({"epoch": 0, "val_miou": miou})
     bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="train", file=sys.stderr)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -169,8 +169,7 @@ def train(cfg: TrainConfig) -> dict:
         if len(terms) > 1:
             record["terms"] = {name: float(np.mean(values)) for name, values in terms.items()}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            best = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch + 1, elapsed)
-            record["val_miou"] = best["last"]
+            best, record["val_miou"] = _score_and_keep(cfg, scored, val_set, labels, architecture, normalization, base, best, epoch + 1, elapsed)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_miou=f"{best['miou']:.3f}")
         torch.save(
@@ -192,8 +191,8 @@ def train(cfg: TrainConfig) -> dict:
     return best
 
 
-def _score_and_keep(cfg, net, val_set, labels, architecture, normalization, base, best: dict, epoch: int, elapsed: float) -> dict:
-    """Score `net` on val; on a new best, write the deployable checkpoint. -> the best so far, with "last" the score now."""
+def _score_and_keep(cfg, net, val_set, labels, architecture, normalization, base, best: dict, epoch: int, elapsed: float) -> tuple[dict, float]:
+    """Score `net` on val; on a new best, write the deployable checkpoint. -> (the best so far, the score now)."""
     confusion = evaluate(net, val_set, labels.num_classes, labels.ignore_index)
     miou = mean_iou(confusion)
     if miou > best["miou"]:
@@ -204,7 +203,7 @@ def _score_and_keep(cfg, net, val_set, labels, architecture, normalization, base
             "train_seconds": round(elapsed, 1),
         }
         _save_deployable(cfg, net, labels, architecture, normalization, base, best)
-    return best | {"last": miou}
+    return best, miou
 
 
 def training_device(name: str) -> torch.device:

@@ -236,16 +236,21 @@ def test_head_model_without_its_checkpoint_names_the_training_command(tmp_path, 
         load_model("fcn8s_resnet18_context")
 
 
+def _random_camvid_folders(root, images: int, size: tuple[int, int], seed: int) -> None:
+    """train/, trainannot/, val/, valannot/ under `root`: random RGB images and CamVid labels (0..11, 11 void)."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        (root / f"{split}annot").mkdir()
+        for i in range(images):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 12, size, dtype=np.uint8)).save(root / f"{split}annot" / f"{i}.png")
+
+
 def test_train_writes_a_resumable_head_only_checkpoint(tmp_path, base_checkpoint):
     from segflow.models.train import TrainConfig, train
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-        (tmp_path / f"{split}annot").mkdir()
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 12, (64, 80), dtype=np.uint8)).save(tmp_path / f"{split}annot" / f"{i}.png")
+    _random_camvid_folders(tmp_path, images=2, size=(64, 80), seed=0)
     base_path, base_sha, _ = base_checkpoint
     cfg = TrainConfig(
         images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),
@@ -267,13 +272,7 @@ def test_ema_training_saves_the_average_and_resumes_only_as_it_started(tmp_path,
     """--ema: the checkpoint holds torch's moving average of the weights, not the last step's; the state keeps it."""
     from segflow.models.train import TrainConfig, train
 
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-        (tmp_path / f"{split}annot").mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 12, (48, 64), dtype=np.uint8)).save(tmp_path / f"{split}annot" / f"{i}.png")
+    _random_camvid_folders(tmp_path, images=4, size=(48, 64), seed=1)
     base_path, _, _ = base_checkpoint
     cfg = TrainConfig(
         images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),

@@ -68,15 +68,14 @@ def run_several_refiners(args, kinds: list[str]) -> int:
     goes to the kinds that have it, and one that no listed kind has is an error, as for one kind.
     """
     import argparse
-    from dataclasses import fields
 
     from segflow.flows.commands.options import refinement_overrides
     from segflow.flows.runner import print_comparison, run_evaluate_job
-    from segflow.models.crf import REFINEMENTS
+    from segflow.models.crf import parameter_names, refinement_kind
     from segflow.pipeline.evaluation.comparison import compare_refiners
 
     overrides = refinement_overrides(args)
-    declared = {k: {f.name for f in fields(REFINEMENTS[k].params_type)} if REFINEMENTS[k].params_type else set() for k in kinds}
+    declared = {k: set(parameter_names(refinement_kind(k))) for k in kinds}
     orphans = [name for name in overrides if not any(name in names for names in declared.values())]
     if orphans:
         raise UsageError(f"--crf-{orphans[0].replace('_', '-')}: none of {', '.join(kinds)} has this parameter")

@@ -15,8 +15,9 @@ import json
 from html import escape
 
 from segflow.errors import InputError
-from segflow.pipeline.evaluation.metrics import SCALARS
+from segflow.pipeline.evaluation.metrics import SCALARS, minus
 from segflow.pipeline.evaluation.summary import commit_bytes
+from segflow.pipeline.html_page import page, pct
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "comparison.html"
@@ -45,7 +46,7 @@ def compare_refiners(output_url: str, evaluations: dict[str, dict], storage_opti
         scores = _scores(refined)
         comparison["refiners"][kind] = {
             "scores": scores,
-            "gain": {name: _minus(scores.get(name), comparison["raw"].get(name)) for name in scores},
+            "gain": {name: minus(scores.get(name), comparison["raw"].get(name)) for name in scores},
             "per_class_iou": refined["per_class"]["iou"],
             "report": summary.get("report"),
         }
@@ -58,8 +59,6 @@ def compare_refiners(output_url: str, evaluations: dict[str, dict], storage_opti
 
 def comparison_page(title: str, comparison: dict) -> str:
     """One self-contained page: a row per mask (raw, then each refiner), a column per score and per class."""
-    from segflow.pipeline.html_page import page
-
     kinds = comparison["refiners"]
     head = "".join(f"<th>{escape(n)}</th>" for n in ("masks", *SCALARS, *comparison["classes"]))
     rows = [_row("raw (network)", comparison["raw"], comparison["raw_per_class_iou"], None)]
@@ -75,22 +74,14 @@ def comparison_page(title: str, comparison: dict) -> str:
 def _row(name: str, scores: dict, per_class: list, raw_per_class: list | None, gain: dict | None = None) -> str:
     cells = [f"<td>{name}</td>"]
     for key in SCALARS:
-        cells.append(f"<td>{_pct(scores.get(key))}{_gain((gain or {}).get(key))}</td>")
+        cells.append(f"<td>{pct(scores.get(key), 2)}{_gain((gain or {}).get(key))}</td>")
     for i, value in enumerate(per_class):
-        cells.append(f"<td>{_pct(value)}{_gain(_minus(value, raw_per_class[i]) if raw_per_class else None)}</td>")
+        cells.append(f"<td>{pct(value, 2)}{_gain(minus(value, raw_per_class[i]) if raw_per_class else None)}</td>")
     return f"<tr>{''.join(cells)}</tr>"
 
 
 def _scores(part: dict) -> dict:
     return {name: part.get(name) for name in SCALARS}
-
-
-def _minus(a, b):
-    return None if a is None or b is None else a - b
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def _gain(value) -> str:

@@ -300,14 +300,15 @@ def _scores(sums: dict[str, np.ndarray]) -> dict:
 
 
 def _delta(crf: dict, raw: dict) -> dict:
-    out = {key: _minus(crf[key], raw[key]) for key in SCALARS}
+    out = {key: minus(crf[key], raw[key]) for key in SCALARS}
     out["per_class"] = {
-        key: [_minus(c, r) for c, r in zip(crf["per_class"][key], raw["per_class"][key])] for key in PER_CLASS_DELTAS
+        key: [minus(c, r) for c, r in zip(crf["per_class"][key], raw["per_class"][key])] for key in PER_CLASS_DELTAS
     }
     return out
 
 
-def _minus(a: float | None, b: float | None) -> float | None:
+def minus(a: float | None, b: float | None) -> float | None:
+    """a - b, or None when either is missing (a score of a class or variant that did not occur)."""
     return None if a is None or b is None else a - b
 
 
