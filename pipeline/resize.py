@@ -6,15 +6,19 @@ Two halves, one per stage:
   scaling) and resizes it to the working size (models/working_size.py); the item then
   carries `image_size`, the true (height, width);
 - in the refinement, `masks_at_image_size` turns the network's logits into masks at
-  `image_size`, a stripe of rows at a time (models/stripes.py): the raw mask is the
-  argmax of the logits upsampled bilinearly; the dense CRF runs at the working size and
-  its probabilities Q are upsampled the same way, then argmax. Labels are stretched by
-  nearest neighbour only for refinement kinds that give no probabilities (a device kind).
-  With `--tiles` at full resolution the refinement runs window by window over the same
-  tiles, with Q averaged where windows overlap (`_windowed`).
+  `image_size`: the raw mask is the argmax of the logits upsampled bilinearly; the dense
+  CRF runs at the working size and its probabilities Q are upsampled the same way, then
+  argmax. Both argmaxes come from models/upsampled_argmax.py, which computes the
+  upsampled values only near class boundaries and is exact. The confidence statistics
+  are the working size's (the full-size ones would need every class at every pixel).
+  Labels are stretched by nearest neighbour only for refinement kinds that give no
+  probabilities (a device kind). With `--tiles` at full resolution the logits are
+  upsampled a stripe of rows at a time (models/stripes.py) and the refinement runs window
+  by window over the same tiles, with Q averaged where windows overlap (`_windowed`).
 
-Peak memory per image is then the working-size arrays, one stripe (or one band of
-tiles), the decoded pixels and the full-size masks, never K x H x W floats.
+Peak memory per image is then the working-size arrays, the sample grid of
+upsampled_argmax (or one stripe, or one band of tiles), the decoded pixels and the
+full-size masks, never K x H x W floats.
 Images at or below the working size (and within one tile) never come here:
 `needs_image_size_path` is false for them and they take the code path they always took.
 """
@@ -68,13 +72,15 @@ class ImageMasks:
     @classmethod
     def of(cls, raw: np.ndarray, refined: np.ndarray | None, confidence: np.ndarray, num_classes: int) -> "ImageMasks":
         """The statistics of full-size masks, computed exactly as rows always had them."""
+        from segflow.models.stripes import class_counts
+
         final = refined if refined is not None else raw
         return cls(
             final,
             raw,
             refined is not None,
-            np.bincount(final.ravel(), minlength=num_classes).tolist(),
-            np.bincount(raw.ravel(), minlength=num_classes).tolist(),
+            class_counts(final, num_classes).tolist(),
+            class_counts(raw, num_classes).tolist(),
             float((refined != raw).mean()) if refined is not None else None,
             float(confidence.mean()),
             float(confidence.min()),
@@ -83,50 +89,68 @@ class ImageMasks:
 
 def masks_at_image_size(item: dict, refiner, num_classes: int) -> ImageMasks:
     """One item of the model stage (working-size or tiled logits) -> masks at the image's own size."""
+    if "image_size" not in item:  # tiles at full resolution
+        return _tiled_masks(item, refiner, num_classes)
+    import torch
+
+    from segflow.models.probabilities import labels_and_confidence, probabilities_from_logits
+    from segflow.models.upsampled_argmax import upsampled_argmax
+
+    rgb = item["rgb"]
+    height, width = item["image_size"]
+    raw, raw_counts = upsampled_argmax(torch.from_numpy(np.ascontiguousarray(item["logits"], dtype=np.float32)), height, width)
+    # The confidence statistics are the working size's: at 48 Mpx, the top softmax probability of
+    # every full-size pixel needs all K classes upsampled there, the cost `upsampled_argmax` avoids.
+    probs = probabilities_from_logits(item["logits"], *rgb.shape[:2])
+    confidence = labels_and_confidence(probs)[1]
+    final, counts = None, None
+    if "refined" in item:  # a device kind: labels at the network's size, no probabilities
+        final = _nearest(item["refined"], height, width)
+    elif refiner is not None:
+        q_of = getattr(refiner, "refine_probabilities", None)
+        if q_of is None:
+            final = _nearest(refiner.refine(rgb, probs), height, width)
+        else:
+            q = torch.from_numpy(np.ascontiguousarray(q_of(rgb, probs), dtype=np.float32))
+            del probs
+            final, counts = upsampled_argmax(q, height, width)
+    return _with_statistics(raw, final, float(confidence.mean()), float(confidence.min()), num_classes, raw_counts, counts)
+
+
+def _tiled_masks(item: dict, refiner, num_classes: int) -> ImageMasks:
+    """Tiles at full resolution: logits upsampled stripe by stripe, the refinement window by window."""
     import torch
 
     from segflow.models.stripes import MaskAccumulator, upsample_rows
 
     rgb = item["rgb"]
-    height, width = item.get("image_size") or rgb.shape[:2]
+    height, width = rgb.shape[:2]
     logits = torch.from_numpy(np.ascontiguousarray(item["logits"], dtype=np.float32))
     raw = MaskAccumulator(height, width, num_classes)
     for row0, stripe in upsample_rows(logits, height, width):
         raw.add_logits(row0, stripe)
     final = None
-    if "refined" in item:  # a device kind: labels at the network's size, no probabilities
+    if "refined" in item:
         final = _nearest(item["refined"], height, width)
     elif refiner is not None:
-        if "image_size" not in item:  # tiles at full resolution
-            final = _windowed(rgb, logits, refiner, item["tiles"], num_classes)
-        else:
-            final = _refined_at_working_size(rgb, item["logits"], refiner, height, width, num_classes)
+        final = _windowed(rgb, logits, refiner, item["tiles"], num_classes)
+    return _with_statistics(raw.labels, final, raw.mean_confidence, raw.min_confidence, num_classes, raw.counts)
+
+
+def _with_statistics(
+    raw: np.ndarray, final: np.ndarray | None, mean_confidence: float, min_confidence: float, num_classes: int,
+    raw_counts: np.ndarray, final_counts: np.ndarray | None = None,
+) -> ImageMasks:
+    """The row's statistics; pixel counts already known are used as they are (a count of 48 Mpx costs 0.1 s)."""
+    from segflow.models.stripes import class_counts
+
+    raw_counts = raw_counts.tolist()
     if final is None:
-        return ImageMasks(raw.labels, raw.labels, False, raw.counts.tolist(), raw.counts.tolist(), None, raw.mean_confidence, raw.min_confidence)
-    changed = sum(int(np.count_nonzero(final[r : r + 1024] != raw.labels[r : r + 1024])) for r in range(0, height, 1024))
-    counts = np.bincount(final.ravel(), minlength=num_classes)[:num_classes]
-    return ImageMasks(
-        final, raw.labels, True, counts.tolist(), raw.counts.tolist(), changed / final.size, raw.mean_confidence, raw.min_confidence
-    )
-
-
-def _refined_at_working_size(rgb, lowres_logits, refiner, height: int, width: int, num_classes: int) -> np.ndarray:
-    """The refinement at the working size; its probabilities Q upsampled to (height, width), then argmax."""
-    import torch
-
-    from segflow.models.probabilities import probabilities_from_logits
-    from segflow.models.stripes import MaskAccumulator, upsample_rows
-
-    probs = probabilities_from_logits(lowres_logits, *rgb.shape[:2])
-    q_of = getattr(refiner, "refine_probabilities", None)
-    if q_of is None:
-        return _nearest(refiner.refine(rgb, probs), height, width)
-    q = torch.from_numpy(np.ascontiguousarray(q_of(rgb, probs), dtype=np.float32))
-    del probs
-    final = MaskAccumulator(height, width, num_classes)
-    for row0, stripe in upsample_rows(q, height, width):
-        final.add_probabilities(row0, stripe)
-    return final.labels
+        return ImageMasks(raw, raw, False, raw_counts, raw_counts, None, mean_confidence, min_confidence)
+    height = raw.shape[0]
+    changed = sum(int(np.count_nonzero(final[r : r + 1024] != raw[r : r + 1024])) for r in range(0, height, 1024))
+    counts = (final_counts if final_counts is not None else class_counts(final, num_classes)).tolist()
+    return ImageMasks(final, raw, True, counts, raw_counts, changed / final.size, mean_confidence, min_confidence)
 
 
 def _windowed(rgb: np.ndarray, logits, refiner, tiles: tuple[int, int], num_classes: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from segflow.models.sliding import slide_logits, tile_origins
 from segflow.models.stripes import MaskAccumulator, upsample_rows
+from segflow.models.upsampled_argmax import upsampled_argmax
 from segflow.models.working_size import FALLBACK_WORKING_SIZE, working_shape
 from segflow.pipeline.config import ModelRef
 from segflow.pipeline.decode import decode_image, decode_reduced
@@ -57,11 +58,47 @@ def test_stripe_statistics_equal_the_full_size_ones():
     assert acc.min_confidence == pytest.approx(float(probs.amax(0).min()), rel=1e-5)
 
 
+def _smooth_field(classes: int, h: int, w: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, classes, max(2, h // 5), max(2, w // 5), generator=g)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0] * 6
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("smooth", 11, 48, 64, 3000, 4000),  # logits at working size 512 of a 12 Mpx photo
+        ("smooth", 11, 384, 512, 3000, 4000),  # the CRF's Q at working size 512, 12 Mpx
+        ("smooth", 11, 47, 61, 1711, 2293),  # odd sizes, uneven cells
+        ("noise", 11, 30, 40, 600, 800),  # a boundary in nearly every cell
+        ("ties", 4, 20, 30, 200, 300),  # exact ties between classes: the first one wins
+        ("probabilities", 11, 96, 128, 2000, 2600),
+        ("smooth", 2, 10, 700, 400, 3000),  # tall factor, short factor below the threshold
+    ],
+)
+def test_upsampled_argmax_equals_the_argmax_of_the_one_shot_upsampling(case):
+    kind, k, h, w, height, width = case
+    g = torch.Generator().manual_seed(3)
+    x = {
+        "smooth": lambda: _smooth_field(k, h, w, 4),
+        "noise": lambda: torch.randn(k, h, w, generator=g) * 4,
+        "ties": lambda: torch.randint(0, 3, (k, h, w), generator=g).float(),
+        "probabilities": lambda: torch.softmax(_smooth_field(k, h, w, 5), 0),
+    }[kind]()
+    expected = np.empty((height, width), np.uint8)
+    for r0, stripe in upsample_rows(x, height, width):  # equal to the one-shot call (test above), in less memory
+        expected[r0 : r0 + stripe.shape[1]] = stripe.argmax(0).numpy()
+    labels, counts = upsampled_argmax(x, height, width)
+    assert np.array_equal(labels, expected)
+    assert counts.tolist() == np.bincount(expected.ravel(), minlength=k).tolist()
+
+
 # --- working size: the engine's mask vs the computation written out --------------------
 
 
 def _direct_raw_mask(random_fcn: ModelRef, rgb: np.ndarray, long_side: int) -> np.ndarray:
-    """argmax of the working-size network's logits upsampled bilinearly to the image's size, in one shot."""
+    """argmax of the working-size network's logits upsampled bilinearly to the image's size, in one shot,
+    and the top softmax probability of those logits upsampled to the working size."""
     from segflow.models.registry import load_model
 
     loaded = load_model(random_fcn.model, None, random_fcn.weights, random_fcn.num_classes, random_fcn.seed)
@@ -73,7 +110,8 @@ def _direct_raw_mask(random_fcn: ModelRef, rgb: np.ndarray, long_side: int) -> n
     with torch.inference_mode():
         logits = loaded.net.eval().lowres_logits((x - mean) / std)
         full = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
-    return full.argmax(0).numpy().astype(np.uint8)
+        working = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return full.argmax(0).numpy().astype(np.uint8), torch.softmax(working, 0).amax(0)
 
 
 def test_working_size_mask_is_the_argmax_of_upsampled_working_size_logits(ray_local, random_fcn, tmp_path):
@@ -90,13 +128,17 @@ def test_working_size_mask_is_the_argmax_of_upsampled_working_size_logits(ray_lo
     cfg = SegmentConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model, device="cpu", progress=False)
     summary = job.run_segment(cfg)
     assert summary.errors == 0 and summary.masks == 1
-    row = read_masks(str(tmp_path / "out"), columns=["uri", "height", "width", "raw_pixel_counts", "crf_changed_fraction"]).to_pylist()[0]
+    columns = ["uri", "height", "width", "raw_pixel_counts", "crf_changed_fraction", "mean_confidence", "min_confidence"]
+    row = read_masks(str(tmp_path / "out"), columns=columns).to_pylist()[0]
     assert (row["height"], row["width"]) == (700, 1000)
     raw = load_mask(str(tmp_path / "out"), row["uri"], raw=True)
     final = load_mask(str(tmp_path / "out"), row["uri"])
     assert raw.shape == final.shape == (700, 1000)
-    expected = _direct_raw_mask(random_fcn, rgb, 320)
+    expected, working_confidence = _direct_raw_mask(random_fcn, rgb, 320)
     assert np.array_equal(raw, expected)
+    # confidence statistics at the working size: the top softmax probability of the logits upsampled to it
+    assert row["mean_confidence"] == pytest.approx(float(working_confidence.double().mean()), rel=1e-5)
+    assert row["min_confidence"] == pytest.approx(float(working_confidence.min()), rel=1e-5)
     assert row["raw_pixel_counts"] == np.bincount(expected.ravel(), minlength=11).tolist()
     assert row["crf_changed_fraction"] == pytest.approx(float((final != raw).mean()))
 
