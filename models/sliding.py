@@ -38,9 +38,11 @@ def tile_origins(size: int, tile: int, stride: int, step: int = 1) -> list[tuple
 
 
 def slide_logits(lowres_logits, x: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
-    """(N, 3, H, W) normalised images -> (N, K, h, w) logits averaged over overlapping tiles.
+    """(N, 3, H, W) images -> (N, K, h, w) logits averaged over overlapping tiles.
 
-    `lowres_logits` is the network's (N, 3, H', W') -> (N, K, ceil(H'/s), ceil(W'/s)) function.
+    `lowres_logits` is the network's (N, 3, H', W') -> (N, K, ceil(H'/s), ceil(W'/s)) function,
+    given crops of `x` as they are (the engine passes uint8 pixels and normalises each crop,
+    so the whole image never exists as floats).
     """
     height, width = x.shape[-2:]
     if height <= tile and width <= tile:

@@ -92,7 +92,9 @@ class ModelWorker:
 
             from segflow.models.sliding import slide_logits
 
-            self.lowres = partial(slide_logits, self.lowres, tile=model.tiles[0], stride=model.tiles[1])
+            network = self.lowres
+            # each tile is normalised on its own: a 48 Mpx image as normalised floats is 576 MB, made twice
+            self.lowres = partial(slide_logits, lambda crop: network(self._normalised(crop)), tile=model.tiles[0], stride=model.tiles[1])
         self.mean = torch.tensor(loaded.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(loaded.std, device=self.device).view(1, 3, 1, 1) * 255
         self.node_id = _node_id()
@@ -222,12 +224,20 @@ class ModelWorker:
         """(B, H, W, 3) uint8 tensor on the device -> (B, C, h, w) logits on the device."""
         import torch
 
-        x = pixels.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
+        x = pixels.permute(0, 3, 1, 2)
+        if self.tiles is None:
+            x = self._normalised(x)
+        with torch.inference_mode(), _autocast(self.device, self.options.autocast):
+            return self.lowres(x)  # with tiles: each tile is normalised (`__init__`)
+
+    def _normalised(self, x):
+        """(B, 3, H, W) uint8 -> the network's input: float, minus the mean, over the std."""
+        import torch
+
+        x = (x.float() - self.mean) / self.std
         if self.options.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(self.device, self.options.autocast):
-            return self.lowres(x)
+        return x
 
 
 def _autocast(device, mode: str):
