@@ -1,6 +1,6 @@
 """segflow's classic FCN (Long, Shelhamer and Darrell): FCN-32s, FCN-16s and FCN-8s, plus a head.
 
-A torchvision backbone yields features at strides 8, 16 and 32. Each gets a 1x1 score
+A ResNet or MobileNet backbone yields features at strides 8, 16 and 32. Each gets a 1x1 score
 head; the coarse scores are upsampled 2x by a learned transposed convolution (initialised
 to bilinear interpolation, as in the paper) and summed with the finer ones. The fused map
 is returned at the finest fused stride (32, 16 or 8) by `lowres_logits`, and `forward`
@@ -22,12 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
-from torchvision.models._utils import IntermediateLayerGetter
 
 from segflow.models.catalog import BACKBONES, VARIANTS  # noqa: E402,F401 - the names live where the driver can read them without torch
 from segflow.models.heads import DEFAULT_HEAD, head_class
 from segflow.models.heads.base import HeadInputs
+from segflow.models.resnet import LAYOUTS, StridedFeatures, resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,15 +132,26 @@ class FCN(nn.Module):
 
 
 def _strided_features(backbone: str, weights: str | None) -> nn.Module:
-    """A module returning {"s8", "s16", "s32"} feature maps of a torchvision classifier."""
-    if backbone.startswith("resnet") and backbone in BACKBONES:
-        net = getattr(tvm, backbone)(weights=weights)
-        return IntermediateLayerGetter(net, {"layer2": "s8", "layer3": "s16", "layer4": "s32"})
+    """A module returning {"s8", "s16", "s32"} feature maps of a classifier.
+
+    ResNets without ImageNet weights (every network the engine loads from a checkpoint) are
+    segflow's copy of torchvision's (models/resnet.py: no torchvision import in the actors).
+    """
+    if backbone in LAYOUTS:
+        if weights is None:
+            net = resnet(backbone)
+        else:
+            from torchvision import models as tvm
+
+            net = getattr(tvm, backbone)(weights=weights)
+        return StridedFeatures(net, {"layer2": "s8", "layer3": "s16", "layer4": "s32"})
     if backbone == "mobilenet_v3_large":
+        from torchvision import models as tvm
+
         net = tvm.mobilenet_v3_large(weights=weights).features
         # Blocks 4, 7 and 13 downsample to strides 8, 16 and 32, so the stage outputs are
         # the blocks just before the next downsampling, and the last block.
-        return IntermediateLayerGetter(net, {"6": "s8", "12": "s16", "16": "s32"})
+        return StridedFeatures(net, {"6": "s8", "12": "s16", "16": "s32"})
     raise ValueError(f"unknown FCN backbone {backbone!r}; choose one of {list(BACKBONES)}")
 
 

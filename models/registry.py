@@ -28,7 +28,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from segflow.models.catalog import (  # noqa: F401 - re-exported: the registry answers for both
@@ -158,8 +157,10 @@ class TorchvisionSegmenter(nn.Module):
         self.net = net
 
     def lowres_logits(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.segmentation import LRASPP
+
         features = self.net.backbone(x)
-        if isinstance(self.net, torchvision.models.segmentation.LRASPP):
+        if isinstance(self.net, LRASPP):
             return self.net.classifier(features)
         return self.net.classifier(features["out"])
 
@@ -171,6 +172,8 @@ def _build_torchvision(architecture: dict, num_classes: int, weights: str | None
     kwargs = {"weights": weights, "weights_backbone": None, "num_classes": num_classes}
     if weights is None and not architecture["name"].startswith("lraspp"):
         kwargs["aux_loss"] = False  # with weights, torchvision insists on its own aux setting
+    import torchvision  # here, not at import: the FCN's actors never need it (models/resnet.py)
+
     net = torchvision.models.get_model(architecture["name"], **kwargs)
     if weights is not None and hasattr(net, "aux_classifier"):
         net.aux_classifier = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,3 +158,40 @@ def test_a_compiled_model_actor_gives_the_eager_masks(tmp_path):
         assert compiled.shape == eager.shape
         assert (compiled.argmax(0) == eager.argmax(0)).all()
         assert abs(compiled - eager).max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_segflows_resnet_is_torchvisions_without_the_import(name):
+    """Same keys, same seeded initial weights, same features: checkpoints and seeds mean the same network."""
+    import torchvision
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from segflow.models.resnet import StridedFeatures, resnet
+
+    stages = {"layer2": "s8", "layer3": "s16", "layer4": "s32"}
+    torch.manual_seed(7)
+    theirs = IntermediateLayerGetter(getattr(torchvision.models, name)(weights=None), stages).eval()
+    torch.manual_seed(7)
+    ours = StridedFeatures(resnet(name), stages).eval()
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 3, 67, 91, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, got = theirs(x), ours(x)
+    assert list(expected) == list(got) == ["s8", "s16", "s32"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_model_actor_of_segflows_fcn_never_imports_torchvision():
+    """torchvision's import is 1.1 CPU-s of every actor's start (models/resnet.py)."""
+    code = (
+        "import sys\n"
+        "from segflow.pipeline.config import ModelRef\n"
+        "from segflow.pipeline.inference import InferenceOptions, ModelWorker\n"
+        "ModelWorker(ModelRef(), InferenceOptions(max_pixels=1_000_000))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
