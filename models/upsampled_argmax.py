@@ -104,13 +104,14 @@ class _Axis:
         # each sample owns the pixels up to the next sample (the last one: itself); never two cells
         self.spans = np.diff(np.append(self.samples, out_size))
 
-    def interpolate(self, x: torch.Tensor, positions: np.ndarray, dim: int) -> torch.Tensor:
+    def interpolate(self, x: torch.Tensor, positions: np.ndarray, dim: int, first_source: int = 0) -> torch.Tensor:
         """x interpolated along `dim` at output `positions`: torch's kernel's `a * w0 + (b * w1)`, first product fused.
 
+        `x` may start at source index `first_source` along `dim` (a slab of the source).
         The same arithmetic for rows and columns; tests/test_large_images.py pins it to torch's one-shot call.
         """
-        index0 = torch.from_numpy(self.i0[positions])
-        index1 = torch.from_numpy(self.i1[positions])
+        index0 = torch.from_numpy(self.i0[positions] - first_source)
+        index1 = torch.from_numpy(self.i1[positions] - first_source)
         shape = [1] * x.dim()
         shape[dim] = len(positions)
         w0 = torch.from_numpy(self.w0[positions]).reshape(shape)
@@ -118,6 +119,30 @@ class _Axis:
         a = x.index_select(dim, index0)
         b = x.index_select(dim, index1).mul_(w1)
         return torch.addcmul(b, a, w0.expand_as(a))
+
+
+class WindowUpsampler:
+    """Windows of the bilinear upsampling of (K, h, w) to (height, width), each computed alone.
+
+    `window(y0, y1, x0, x1)` equals `F.interpolate(x[None], (height, width), "bilinear")[0][:, y0:y1, x0:x1]`
+    exactly, from the few source rows and columns under it: a sliding-window refinement
+    at full resolution then holds one window's probabilities, not a band across the image.
+    """
+
+    def __init__(self, x: torch.Tensor, height: int, width: int):
+        self.x = x.float().contiguous()
+        self.rows, self.cols = _Axis(x.shape[1], height), _Axis(x.shape[2], width)
+        self.whole = None
+        if height + width <= 256 or min(x.shape[1:]) < 2:  # torch's kernel for tiny outputs rounds otherwise
+            self.whole = torch.cat([s for _, s in upsample_rows(self.x, height, width)], 1)
+
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[:, y0:y1, x0:x1]
+        lo, hi = int(self.rows.i0[y0]), int(self.rows.i1[y1 - 1]) + 1
+        slab = self.x[:, lo:hi].transpose(1, 2).contiguous()  # (K, w, r): columns gathered as rows
+        across = self.cols.interpolate(slab, np.arange(x0, x1), dim=1).transpose(1, 2).contiguous()  # (K, r, x1 - x0)
+        return self.rows.interpolate(across, np.arange(y0, y1), dim=1, first_source=lo)
 
 
 def _cells_exactly(corners: torch.Tensor, rows: _Axis, cols: _Axis, a: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

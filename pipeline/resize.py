@@ -156,46 +156,46 @@ def _with_statistics(
 def _windowed(rgb: np.ndarray, logits, refiner, tiles: tuple[int, int], num_classes: int) -> np.ndarray:
     """The refinement on each tile of a full-resolution image, Q averaged where tiles overlap.
 
-    Rows are finished band by band: once the next row of tiles starts below a row, no later
-    tile touches it, so its Q is divided by its count, reduced to labels and dropped.
-    Memory: K x (tile + stride) x W floats for Q, plus one band of probabilities.
+    Each window's probabilities are computed alone, exactly (`WindowUpsampler`). Rows are
+    finished band by band: once the next row of tiles starts below a row, no later tile
+    touches it, so its Q is divided by its count, reduced to labels and dropped.
+    Memory: K x tile x W floats for the sum of Q (the rows tiles still overlap), plus one window.
     """
     import torch
 
     from segflow.models.sliding import tile_origins
-    from segflow.models.stripes import upsample_rows
+    from segflow.models.upsampled_argmax import WindowUpsampler
 
     height, width = rgb.shape[:2]
     tile, stride = tiles
     labels = np.empty((height, width), np.uint8)
     q_of = getattr(refiner, "refine_probabilities", None)
-    start, total, count = 0, None, None  # accumulators for rows [start, start + total.shape[1])
+    upsampler = WindowUpsampler(logits, height, width)
     rows = tile_origins(height, tile, stride)
+    band = max(y1 - y0 for y0, y1 in rows)
+    total = torch.zeros((num_classes, band, width))  # Q summed over rows [start, start + band)
+    count = torch.zeros((1, band, width))
+    start = 0
     for index, (y0, y1) in enumerate(rows):
-        if total is None:
-            total = torch.zeros((num_classes, y1 - y0, width))
-            count = torch.zeros((1, y1 - y0, width))
-        elif start + total.shape[1] < y1:
-            extra = y1 - start - total.shape[1]
-            total = torch.cat([total, torch.zeros((num_classes, extra, width))], 1)
-            count = torch.cat([count, torch.zeros((1, extra, width))], 1)
-        band = torch.cat([s for _, s in upsample_rows(logits, height, width, rows=y1 - y0, start=y0, stop=y1)], 1)
-        probs = torch.softmax(band, dim=0).numpy()
-        del band
         for x0, x1 in tile_origins(width, tile, stride):
-            window_rgb, window_probs = rgb[y0:y1, x0:x1], np.ascontiguousarray(probs[:, :, x0:x1])
+            window_rgb = rgb[y0:y1, x0:x1]
+            window_probs = torch.softmax(upsampler.window(y0, y1, x0, x1), dim=0).numpy()
             if q_of is not None:
                 q = torch.from_numpy(np.asarray(q_of(window_rgb, window_probs), dtype=np.float32))
             else:  # a kind without probabilities: its labels, one-hot, are averaged instead
                 q = torch.nn.functional.one_hot(torch.from_numpy(refiner.refine(window_rgb, window_probs).astype(np.int64)), num_classes).permute(2, 0, 1).float()
             total[:, y0 - start : y1 - start, x0:x1] += q
             count[:, y0 - start : y1 - start, x0:x1] += 1
-        del probs
         done = rows[index + 1][0] if index + 1 < len(rows) else height
         if done > start:
             finished = done - start
             labels[start:done] = (total[:, :finished] / count[:, :finished]).argmax(0).numpy().astype(np.uint8)
-            total, count, start = total[:, finished:], count[:, finished:], done
+            # the rows still open move to the top (a copy of only those), the rest start again from zero
+            for summed in (total, count):
+                still_open = summed[:, finished:].clone()
+                summed[:, : still_open.shape[1]] = still_open
+                summed[:, still_open.shape[1] :] = 0
+            start = done
     return labels
 
 

@@ -325,3 +325,16 @@ def test_upscaled_camvid_at_the_default_working_size_scores_within_a_point_of_th
     original, upscaled = bench.compare(paths, 4, [None])
     assert abs(upscaled["final"] - original["final"]) <= 1.0, (original, upscaled)
     assert abs(upscaled["raw"] - original["raw"]) <= 1.0, (original, upscaled)
+
+
+@pytest.mark.parametrize("shape", [(40, 57, 317, 451), (47, 61, 1700, 2300), (5, 7, 40, 56), (1, 3, 8, 30)])
+def test_a_window_of_the_upsampling_equals_that_window_of_the_one_shot_call(shape):
+    from segflow.models.upsampled_argmax import WindowUpsampler
+
+    h, w, height, width = shape
+    x = torch.randn(11, h, w, generator=torch.Generator().manual_seed(2)) * 5
+    full = F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    windows = WindowUpsampler(x, height, width)
+    for y0, y1, x0, x1 in [(0, height, 0, width), (0, min(height, 128), 0, min(width, 128)),
+                           (height // 3, min(height, height // 3 + 37), width // 2, width - 1), (height - 5, height, width - 9, width)]:
+        assert torch.equal(windows.window(y0, y1, x0, x1), full[:, y0:y1, x0:x1])
