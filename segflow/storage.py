@@ -373,28 +373,32 @@ _THROTTLING_CODES = frozenset({
 
 
 def _network_error_types() -> tuple[type, ...]:
+    """botocore's and aiohttp's connection errors, from the modules already imported.
+
+    An exception of theirs can only exist once its module is loaded, so looking in
+    sys.modules is exact, and nobody pays their ~0.2 s import (every model actor and CRF
+    worker imports this module) unless S3 is in use.
+    """
+    import sys
+
     types: list[type] = []
-    with contextlib.suppress(ImportError):
-        from botocore import exceptions as be
-        from botocore.parsers import ResponseParserError
-
-        # ResponseParserError: throttling responses sometimes carry invalid XML (s3fs#484).
-        types += [be.ConnectionError, be.HTTPClientError, be.IncompleteReadError, ResponseParserError]
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    exceptions = sys.modules.get("botocore.exceptions")
+    if exceptions is not None:
+        types += [exceptions.ConnectionError, exceptions.HTTPClientError, exceptions.IncompleteReadError]
+    parsers = sys.modules.get("botocore.parsers")
+    if parsers is not None:  # throttling responses sometimes carry invalid XML (s3fs#484)
+        types.append(parsers.ResponseParserError)
+    client_errors = sys.modules.get("aiohttp.client_exceptions")
+    if client_errors is not None:
+        types += [client_errors.ClientConnectionError, client_errors.ClientPayloadError]
     return tuple(types)
-
-
-_NETWORK_ERRORS = _network_error_types()
 
 
 def is_transient(e: BaseException) -> bool:
     """True when retrying the same call later may succeed."""
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
-    if isinstance(e, (TimeoutError, ConnectionError) + _NETWORK_ERRORS):
+    if isinstance(e, (TimeoutError, ConnectionError) + _network_error_types()):
         return True
     response = getattr(e, "response", None)  # botocore ClientError, not translated by s3fs
     if isinstance(response, dict) and "Error" in response:
