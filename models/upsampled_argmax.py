@@ -78,10 +78,10 @@ def upsampled_argmax(x: torch.Tensor, height: int, width: int) -> tuple[np.ndarr
     # ... and the others computed pixel by pixel
     rows_of, cols_of = np.nonzero(~settled)
     corners = x.permute(1, 2, 0).contiguous()  # (h, w, K): a gather then copies K floats at once
+    flat = out.reshape(-1)  # a view: writes land in `out`
     for first in range(0, len(rows_of), CELLS_PER_BATCH):
         a, c = rows_of[first : first + CELLS_PER_BATCH], cols_of[first : first + CELLS_PER_BATCH]
         index, labels = _cells_exactly(corners, rows, cols, a, c)
-        flat = out.reshape(-1)
         counts -= np.bincount(flat[index], minlength=classes)[:classes]
         counts += np.bincount(labels, minlength=classes)[:classes]
         flat[index] = labels
