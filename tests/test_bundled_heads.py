@@ -22,7 +22,7 @@ def val_set(camvid):
     return load_folder_pair(str(camvid / "val"), str(camvid / "valannot"))
 
 
-_DECODED: dict[str, list] = {}  # base sha256 -> the frozen base's head inputs per val batch (dpn and context share v2)
+_DECODED: dict[str, list] = {}  # base sha256 -> the frozen base's head inputs per val batch (the bundled model, dpn and context share one base)
 
 
 @pytest.mark.parametrize("name", ["bundled", *BUNDLED_HEADS])
