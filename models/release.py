@@ -41,7 +41,14 @@ GRID = {
 }
 
 
-def release(checkpoint: str, output: str, val_images: str, val_labels: str, workers: int = 2) -> dict:
+def release(checkpoint: str, output: str, val_images: str, val_labels: str, workers: int = 2, grid: dict | None = None) -> dict:
+    """Store `checkpoint` as `output` (float16), score it on val, and tune the dense CRF over `grid` (default GRID).
+
+    A narrower grid bounds the CRF's cost: its time per image grows with the lattice, i.e. as the
+    spatial and colour widths shrink, so a release that must keep today's speed searches only the
+    widths it can afford (the weight costs nothing).
+    """
+    grid = {k: tuple(float(x) for x in v) for k, v in (grid or GRID).items()}
     state, meta, _ = read_checkpoint(checkpoint)
     save_checkpoint(output, state, meta, float_dtype=torch.float16)
     loaded = load_model(checkpoint=output)
@@ -53,13 +60,13 @@ def release(checkpoint: str, output: str, val_images: str, val_labels: str, work
     search = {}
     subset = samples[::2]
     with ProcessPoolExecutor(workers) as pool:
-        for values in itertools.product(*GRID.values()):
-            params = CRFParams(**dict(zip(GRID, values)))
+        for values in itertools.product(*grid.values()):
+            params = CRFParams(**dict(zip(grid, values)))
             search[values] = _crf_miou(pool, subset, params, labels)
         finalists = sorted(search, key=search.get, reverse=True)[:3]
-        full = {v: _crf_score(pool, samples, CRFParams(**dict(zip(GRID, v))), labels) for v in finalists}
+        full = {v: _crf_score(pool, samples, CRFParams(**dict(zip(grid, v))), labels) for v in finalists}
     best = max(full, key=lambda v: full[v]["miou"])
-    crf = CRFParams(**dict(zip(GRID, best)))
+    crf = CRFParams(**dict(zip(grid, best)))
     meta = {
         **meta,
         "crf": crf.__dict__,
@@ -68,7 +75,7 @@ def release(checkpoint: str, output: str, val_images: str, val_labels: str, work
             "val_per_class_iou": raw["per_class"],
             "val_miou_crf": round(full[best]["miou"], 4),
             "val_per_class_iou_crf": full[best]["per_class"],
-            "crf_search": {"grid": {k: list(v) for k, v in GRID.items()}, "images": len(subset), "finalists_on_full_val": {str(dict(zip(GRID, v))): round(full[v]["miou"], 4) for v in finalists}},
+            "crf_search": {"grid": {k: list(v) for k, v in grid.items()}, "images": len(subset), "finalists_on_full_val": {str(dict(zip(grid, v))): round(full[v]["miou"], 4) for v in finalists}},
             "stored_as": "float16",
             "evaluation_seconds": round(time.perf_counter() - t0, 1),
         },
@@ -204,6 +211,7 @@ def main() -> None:
     p.add_argument("--val-labels", required=True)
     p.add_argument("--card", help="model card path (default: MODEL_CARD.md beside --output)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--crf-grid", type=json.loads, help=f"the CRF values searched, as JSON (default {json.dumps(GRID)}); a key left out keeps its default")
     p.add_argument("--training-note", default="", help="a line for the card about how the run went (resumes, schedule changes)")
     p.add_argument("--head", action="store_true", help="a trained head (dpn, context, crfrnn): score the stored weights, no CRF search, no card")
     args = p.parse_args()
@@ -211,7 +219,7 @@ def main() -> None:
         meta = release_head(args.checkpoint, args.output, args.val_images, args.val_labels)
         print(json.dumps({"val_miou": meta["metrics"]["val_miou"]}))
         return
-    meta = release(args.checkpoint, args.output, args.val_images, args.val_labels, args.workers)
+    meta = release(args.checkpoint, args.output, args.val_images, args.val_labels, args.workers, GRID | (args.crf_grid or {}))
     card = Path(args.card) if args.card else Path(args.output).parent / "MODEL_CARD.md"
     write_model_card(meta, card, Path(args.output), args.training_note)
     print(json.dumps({k: meta["metrics"][k] for k in ("val_miou", "val_miou_crf")}))
