@@ -289,3 +289,39 @@ def test_ema_training_saves_the_average_and_resumes_only_as_it_started(tmp_path,
         train(dataclasses.replace(cfg, epochs=2, ema=0.0, resume=True))
     train(dataclasses.replace(cfg, epochs=2, resume=True))
     assert int(torch.load(tmp_path / "work" / "state.pt", weights_only=True)["ema"]["n_averaged"]) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_is_refused_before_any_step(tmp_path, base_checkpoint):
+    from segflow.models.train import TrainConfig, train
+
+    _random_camvid_folders(tmp_path, images=2, size=(48, 64), seed=2)
+    cfg = TrainConfig(
+        images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),
+        val_labels=str(tmp_path / "valannot"), output=str(tmp_path / "out.safetensors"), work_dir=str(tmp_path / "work"),
+        base=base_checkpoint[0], epochs=1, batch_size=2, crop=(32, 48), device="cuda",
+    )
+    with pytest.raises(CheckpointError, match="--device cuda: torch sees no CUDA device here; use --device cpu or auto"):
+        train(cfg)
+    assert not (tmp_path / "work" / "state.pt").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_train_on_cuda_follows_the_cpu_run_of_the_same_recipe_and_seed(tmp_path, base_checkpoint):
+    """--device cuda: same recipe and seed as on CPU, so the same batches; losses agree to float rounding, the checkpoint loads on CPU."""
+    from segflow.models.train import TrainConfig, train
+
+    _random_camvid_folders(tmp_path, images=4, size=(48, 64), seed=3)
+    histories = {}
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig(
+            images=str(tmp_path / "train"), labels=str(tmp_path / "trainannot"), val_images=str(tmp_path / "val"),
+            val_labels=str(tmp_path / "valannot"), output=str(tmp_path / device / "out.safetensors"), work_dir=str(tmp_path / device / "work"),
+            base=base_checkpoint[0], lr=1e-3, epochs=2, batch_size=2, crop=(32, 48), eval_every=1, device=device,
+        )
+        train(cfg)
+        histories[device] = json.loads((tmp_path / device / "work" / "history.json").read_text())
+        assert load_model(checkpoint=cfg.output).architecture["family"] == "fcn"  # saved from the GPU, read on the CPU
+    cpu, cuda = ([r["loss"] for r in histories[d] if "loss" in r] for d in ("cpu", "cuda"))
+    assert len(cpu) == len(cuda) == 2
+    assert np.allclose(cpu, cuda, rtol=2e-2), (cpu, cuda)
