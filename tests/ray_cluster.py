@@ -30,14 +30,15 @@ class RayCluster:
     def __init__(self):
         # short: Ray's Unix socket paths live under it and are limited to 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="sfray-", dir="/tmp"))
-        self.port = free_port()
+        self._ports: set[int] = set()
+        self.port = self._new_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
     def start_head(self, num_cpus: int) -> None:
         self._ray_start("--head", f"--port={self.port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-                        f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
+                        f"--dashboard-port={self._new_port()}", f"--ray-client-server-port={self._new_port()}")
 
     def add_node(self, num_cpus: int) -> None:
         self._ray_start(f"--address={self.address}", f"--num-cpus={num_cpus}")
@@ -45,12 +46,24 @@ class RayCluster:
     def _ray_start(self, *args: str) -> None:
         command = [
             RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--num-gpus=0",
-            f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={self._new_port()}", "--object-store-memory=100000000", "--disable-usage-stats",
         ]
         result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
         if result.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+
+    def _new_port(self) -> int:
+        """A free port this cluster has not handed out yet.
+
+        `free_port` releases the port it found, and nothing binds the ones given to `ray start`
+        until it runs, so two calls can return the same number: Ray then refuses to start
+        ("port ... is used by other components"), as one CI run saw.
+        """
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     def pids(self) -> set[int]:
         """Every live process this cluster consists of (daemons and their descendants)."""
