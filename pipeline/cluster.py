@@ -137,7 +137,10 @@ def _connect(address: str | None) -> None:
     kwargs = {"logging_level": logging.WARNING, "include_dashboard": False}
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count(), _system_config=_LOCAL_RAY_CONFIG, **kwargs)
+            from segflow.pipeline.batch_node import without_unused_daemons
+
+            with without_unused_daemons():  # no autoscaler, log monitor or API server: see batch_node.py
+                ray.init(num_cpus=os.cpu_count(), log_to_driver=False, _system_config=_LOCAL_RAY_CONFIG, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except ray.exceptions.AuthenticationError:

@@ -57,6 +57,24 @@ class ExecutionStats:
     stage_seconds: dict = field(default_factory=dict)
 
 
+def next_actor(load: list[int], usable: list[int], waiting: int) -> int | None:
+    """The actor the next shard goes to, or None to hold it back for now.
+
+    `load[a]`: shards open on actor a; `usable`: actors that may get one; `waiting`: shards
+    not yet sent, this one included. Each actor holds up to two shards (the executor's
+    in-flight cap), so that it never waits for the driver between them; the next goes to
+    the one holding fewest. The last shards (no more of them than actors) are held back
+    until an actor is idle: queued behind another, the last one would keep its actor
+    working alone while the others had nothing left. `python bench/dispatch_sim.py`
+    simulates this dispatch: on 2 actors and 200 images the tail cost 3.7 % of the ideal
+    finish time without the hold and 0.2 % with it (40 seeds); no size or actor count
+    tried (2 to 8 actors, 40 to 2,000 images) does worse with it.
+    """
+    if waiting <= len(usable):
+        usable = [a for a in usable if load[a] == 0]
+    return min(usable, key=load.__getitem__) if usable else None
+
+
 @dataclass
 class _OpenShard:
     shard: Shard
@@ -162,9 +180,9 @@ class ShardExecutor:
         waiting: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
         open_shards: dict[str, _OpenShard] = {}
         while waiting or open_shards:
-            while waiting and len(open_shards) < self.max_in_flight and self._usable_actors():
+            while waiting and len(open_shards) < self.max_in_flight and (actor := self._next_actor(open_shards, len(waiting))) is not None:
                 shard, attempt = waiting.popleft()
-                open_shards[shard.shard_id] = self._open(shard, attempt, open_shards)
+                open_shards[shard.shard_id] = self._open(shard, attempt, actor)
             for sid in self._wait_and_advance(open_shards, waiting, stats):
                 done = open_shards.pop(sid)
                 self._histories.pop(sid, None)
@@ -188,11 +206,13 @@ class ShardExecutor:
     def actor_pids(self) -> list[int]:
         return self._ray.get([a.pid.remote() for a in self.actors])
 
-    def _open(self, shard: Shard, attempt: int, open_shards: dict) -> _OpenShard:
+    def _next_actor(self, open_shards: dict, waiting: int) -> int | None:
         load = [0] * len(self.actors)
         for o in open_shards.values():
             load[o.actor] += 1
-        actor = min(self._usable_actors(), key=load.__getitem__)
+        return next_actor(load, self._usable_actors(), waiting)
+
+    def _open(self, shard: Shard, attempt: int, actor: int) -> _OpenShard:
         # Tasks are named after their shard: `ps`, `ray list tasks` and the dashboard then show
         # which shard each model actor and CRF worker is on (a process title reads
         # "ray::infer_shard shard-<id>").
