@@ -33,8 +33,8 @@ _lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def without_unused_daemons() -> Iterator[list[str]]:
-    """Within the block, a local `ray.init` starts none of UNUSED_DAEMONS; yields the names left out."""
+def without_unused_daemons() -> Iterator[None]:
+    """Within the block, a local `ray.init` starts none of UNUSED_DAEMONS (those this Ray has)."""
     from ray._private import node as ray_node
 
     with _lock:
@@ -42,7 +42,7 @@ def without_unused_daemons() -> Iterator[list[str]]:
         try:
             for name in saved:
                 setattr(ray_node.Node, name, _not_started)
-            yield sorted(saved)
+            yield
         finally:
             for name, method in saved.items():
                 setattr(ray_node.Node, name, method)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A fresh interpreter: the session's own local Ray (conftest's ray_local) lives in this one.
 _START = """
-import json, os, psutil, ray
+import json, psutil, ray
 from ray._private import node as ray_node
 from segflow.pipeline import cluster
 from segflow.pipeline.batch_node import UNUSED_DAEMONS
